@@ -7,14 +7,15 @@ accounted for explicitly below.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
 from pathlib import Path
 
 import pytest
+
 import torch
-import torch.nn.functional as F
 
 from runtime.constants import WAN22_LATENT_MEAN, WAN22_LATENT_STD
 from runtime.models.vae import (
@@ -29,26 +30,14 @@ from runtime.models.vae import (
     sample_posterior,
     unpatchify,
 )
+from tests.parity import checkpoint_keys, compare
 
-diffusers_wan = pytest.importorskip("diffusers.models.autoencoders.autoencoder_kl_wan")
+diffusers_wan = importlib.import_module("diffusers.models.autoencoders.autoencoder_kl_wan")
 
-REPO = Path(__file__).resolve().parents[1]
-KEYS_FILE = "shared/design/checkpoint_keys.json"
 MEAN = torch.tensor(WAN22_LATENT_MEAN)
 INV_STD = 1.0 / torch.tensor(WAN22_LATENT_STD)
 B, H, W = 2, 32, 48            # latent grid 2 x 3: non-square catches h/w swaps
 
-
-def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4, min_cos: float = 0.99999) -> None:
-    """Max-abs error relative to the reference scale and cosine; non-finite values fail."""
-    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(ours).all() and torch.isfinite(ref).all(), f"{name}: non-finite values"
-    err = (ours - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    cos = F.cosine_similarity(ours.flatten().double(), ref.flatten().double(), dim=0).item()
-    print(f"{name}: max-abs {err:.3e} (ref max-abs {scale:.3f}), cosine {cos:.9f}")
-    assert err <= tol * max(scale, 1.0), f"{name}: max-abs {err:.3e} > {tol} x {scale:.3f}"
-    assert cos >= min_cos, f"{name}: cosine {cos}"
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -133,10 +122,7 @@ def latent(frames: int, seed: int) -> torch.Tensor:
 
 
 def test_full_config_matches_checkpoint_keys() -> None:
-    path = next((p for p in (REPO / KEYS_FILE, REPO.parent / KEYS_FILE) if p.is_file()), None)
-    if path is None:
-        pytest.skip(f"{KEYS_FILE} not found beside or inside the repository")
-    expected = json.loads(path.read_text())["Wan2.2_VAE.pth"]
+    expected = checkpoint_keys()["Wan2.2_VAE.pth"]
     with torch.device("meta"):
         model = WanVAE()
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == expected

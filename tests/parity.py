@@ -1,0 +1,33 @@
+"""Shared numerics checks for the parity tests: max-abs error relative to the reference scale, and cosine."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CHECKPOINT_KEYS = Path(__file__).parent / "data" / "checkpoint_keys.json"
+
+
+@lru_cache(maxsize=None)
+def checkpoint_keys() -> dict[str, dict[str, list[int]]]:
+    """Every tensor of the real checkpoint files: {file: {key: shape}} (copied from shared/design)."""
+    return json.loads(CHECKPOINT_KEYS.read_text())
+
+
+def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4, min_cos: float = 0.99999) -> None:
+    """Assert ``ours`` matches ``ref``: shapes equal, all finite, max-abs <= tol x max(1, ref scale), cosine >= min_cos.
+
+    Prints the figures so ``pytest -s`` shows them.
+    """
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(ours).all() and torch.isfinite(ref).all(), f"{name}: non-finite values"
+    err = (ours.double() - ref.double()).abs().max().item()
+    scale = ref.abs().max().item()
+    cos = F.cosine_similarity(ours.flatten().double(), ref.flatten().double(), dim=0).item()
+    print(f"{name}: max-abs {err:.3e} (ref max-abs {scale:.3f}), cosine {cos:.9f}")
+    assert err <= tol * max(scale, 1.0), f"{name}: max-abs {err:.3e} > {tol} x {scale:.3f}"
+    assert cos >= min_cos, f"{name}: cosine {cos}"
