@@ -1,0 +1,128 @@
+"""`lance-trt`: the command line of the deployment package.
+
+Subcommands: `download`, `tiny`, `run` (the PyTorch / ONNX Runtime / TensorRT pipeline in-process), `serve`.
+Results go to files or stdout; progress and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from runtime import constants
+
+log = logging.getLogger("lance_trt")
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """The generation flags shared by `lance-trt run` and `lance-client` (same names, same defaults)."""
+    parser.add_argument("--prompt", required=True, help="prompt (t2i), question (x2t) or instruction (edit)")
+    parser.add_argument("--image", type=Path, help="input image (x2t, edit)")
+    parser.add_argument("--height", type=int, default=constants.DEFAULT_HEIGHT)
+    parser.add_argument("--width", type=int, default=constants.DEFAULT_WIDTH)
+    parser.add_argument("--steps", type=int, default=constants.DEFAULT_STEPS)
+    parser.add_argument("--cfg-scale", type=float, default=constants.DEFAULT_CFG_SCALE)
+    parser.add_argument("--seed", type=int, default=constants.DEFAULT_SEED)
+    parser.add_argument("--max-new-tokens", type=int, default=constants.DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("-o", "--output", type=Path, help="output PNG (t2i, edit)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lance-trt", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("download", help=f"fetch {constants.HF_REPO_ID} (only the files the runtime needs)")
+    p.add_argument("--dir", type=Path, default=Path("lance_checkpoint"), help="destination folder")
+    p.add_argument("--repo-id", default=constants.HF_REPO_ID)
+    p.add_argument("--video", action="store_true", help="also fetch Lance_3B_Video/")
+
+    p = sub.add_parser("tiny", help="write a tiny random checkpoint in the real HF layout")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--video", action="store_true", help="add Lance_3B_Video/")
+
+    p = sub.add_parser("run", help="run a task in-process")
+    p.add_argument("task", choices=("t2i", "x2t", "edit"))
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (HF layout) or HF repo id")
+    p.add_argument("--runner", choices=("torch", "onnxruntime", "tensorrt"), default="torch")
+    p.add_argument("--engines", type=Path, help="engine folder (ONNX / plans) for the onnxruntime and tensorrt runners")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    _add_generation_options(p)
+
+    sub.add_parser("serve", help="serve a Triton model repository with tritonserver", add_help=False)
+    return parser
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from runtime.checkpoint import download
+
+    path = download(args.dir, repo_id=args.repo_id, video=args.video)
+    print(path)
+    return 0
+
+
+def _cmd_tiny(args: argparse.Namespace) -> int:
+    from runtime.tiny import write_tiny_checkpoint
+
+    write_tiny_checkpoint(args.dir, seed=args.seed, video=args.video)
+    print(args.dir)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from runtime.pipeline import LancePipeline, progress_bar
+    from runtime.request import GenerationRequest, RequestError
+
+    try:
+        image = args.image.read_bytes() if args.image is not None else None
+    except OSError as err:
+        print(f"lance-trt: image: cannot read {args.image}: {err.strerror}", file=sys.stderr)
+        return 2
+    request = GenerationRequest(
+        task=args.task, prompt=args.prompt, image=image, height=args.height, width=args.width, steps=args.steps,
+        seed=args.seed, cfg_scale=args.cfg_scale, max_new_tokens=args.max_new_tokens,
+    )
+    if args.task != "x2t" and args.output is None:
+        print("lance-trt: -o/--output: required for t2i and edit", file=sys.stderr)
+        return 2
+    try:
+        request.validate()
+        pipeline = LancePipeline.from_checkpoint(
+            args.checkpoint, runner=args.runner, engine_dir=args.engines, device=args.device,
+            dtype=getattr(torch, args.dtype),
+        )
+        with progress_bar(request) as on_progress:
+            result = pipeline.generate(request, on_progress=on_progress)
+    except RequestError as err:
+        print(f"lance-trt: {err}", file=sys.stderr)
+        return 2
+    if result.text is not None:
+        print(result.text)
+    else:
+        Image.fromarray(result.image).save(args.output)
+        log.info("wrote %s", args.output)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from runtime.serve import serve_main
+
+        return serve_main(argv[1:])
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    commands = {"download": _cmd_download, "tiny": _cmd_tiny, "run": _cmd_run}
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Engine runners: one interface over TensorRT plans, ONNX Runtime sessions and the PyTorch modules.
+
+Every runner serves one engine of ``runtime.contract`` and binds tensors by the contract's names. ``infer(feed)``
+returns tensors the caller owns (style.md §6: no internal buffers handed out unannounced). The pipeline talks to an
+``Engines`` bundle and never branches on the backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Protocol
+
+import torch
+
+from runtime.contract import EngineSpec
+
+
+class EngineError(RuntimeError):
+    """A runner failed: names the engine (and tensor, where one is at fault)."""
+
+
+class Runner(Protocol):
+    """One engine behind the contract's tensor names."""
+
+    spec: EngineSpec
+
+    def infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run the engine on ``feed`` (every input of ``spec`` by name); returns every output by name."""
+        ...
+
+
+class TorchRunner:
+    """Runs an engine-shaped ``nn.Module`` (``runtime.engines.graphs``) whose forward takes the contract's inputs as
+    keyword arguments and returns its outputs in contract order."""
+
+    def __init__(self, spec: EngineSpec, module: torch.nn.Module):
+        self.spec = spec
+        self.module = module
+
+    @torch.inference_mode()
+    def infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        check_feed(self.spec, feed)
+        outputs = self.module(**feed)
+        if isinstance(outputs, torch.Tensor):
+            outputs = (outputs,)
+        return dict(zip(self.spec.output_names, outputs))
+
+
+def check_feed(spec: EngineSpec, feed: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a feed whose names differ from the engine's inputs (a programming error, named precisely)."""
+    missing = set(spec.input_names) - set(feed)
+    unexpected = set(feed) - set(spec.input_names)
+    if missing or unexpected:
+        raise EngineError(f"engine {spec.name!r}: missing inputs {sorted(missing)}, unexpected {sorted(unexpected)}")
+
+
+@dataclass(frozen=True)
+class Engines:
+    """The four engines a Lance pipeline runs, each behind a runner of any backend."""
+
+    mot: Runner
+    vit: Runner
+    vae_encode: Runner
+    vae_decode: Runner
