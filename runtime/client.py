@@ -1,0 +1,286 @@
+"""`lance-client`: generate with a Lance server over gRPC (model ``lance``, a decoupled stream).
+
+Importable without torch: tritonclient[grpc], numpy, pillow and tqdm only (``pip install 'lance-trt[client]'``).
+
+    lance-client t2i --prompt "a red fox in snow" -o fox.png
+    lance-client x2t --image fox.png --prompt "What animal is this?"
+    lance-client edit --image fox.png --prompt "make it night" -o night.png
+
+Each request runs on its own gRPC stream with ``enable_empty_final_response`` (so completion is explicit) and the
+``triton_grpc_error: true`` header (so a model error arrives with its gRPC code, e.g. INVALID_ARGUMENT for a
+``RequestError``, and closes the stream). Progress responses carry ``progress`` = (done, total); the final response
+carries ``image`` or ``text`` and the stage timings as numeric response parameters. Ctrl-C, an exception in the
+progress callback, or the timeout cancels the request on the server (``stop_stream(cancel_requests=True)``), which
+the model sees through ``is_cancelled()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import queue
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from runtime import contract
+from runtime.cli import _add_generation_options  # a stdlib-only module: keeps the client free of torch
+from runtime.request import GenerationRequest, GenerationResult, ProgressCallback, request_to_tensors, wire_dtype
+from runtime.serve import DEFAULT_GRPC_PORT, LANCE_MODEL
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = f"localhost:{DEFAULT_GRPC_PORT}"
+DEFAULT_TIMEOUT_S = 1800.0
+_OUTPUTS = contract.by_name(contract.LANCE_OUTPUTS)
+# Measured on Triton 2.51: a request refused by a full queue arrives on the stream as a bare message, without a code
+# even with the triton_grpc_error header; the same refusal on a unary call is UNAVAILABLE.
+_QUEUE_FULL = "Exceeds maximum queue size"
+# After the stream deadline the server still needs a moment to report DEADLINE_EXCEEDED through the callback.
+_DEADLINE_GRACE_S = 5.0
+
+
+class LanceClientError(Exception):
+    """The server refused or failed the request, or could not be reached.
+
+    Attributes:
+        message: the server's (or gRPC's) message.
+        code: the gRPC status name (``INVALID_ARGUMENT``, ``UNAVAILABLE``, ``DEADLINE_EXCEEDED``, ``CANCELLED``,
+            ``INTERNAL``...), or None when the server gave none.
+    """
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(f"{code}: {message}" if code else message)
+        self.message = message
+        self.code = code
+
+
+def _client_error(error: InferenceServerException) -> LanceClientError:
+    message = error.message() or str(error)
+    status = error.status()
+    code = status.removeprefix("StatusCode.") if status else None
+    if code is None and _QUEUE_FULL in message:
+        code = "UNAVAILABLE"
+    return LanceClientError(message, code)
+
+
+class LanceClient:
+    """A gRPC client of model ``lance``. One ``generate`` call at a time per instance.
+
+    Args:
+        url: ``host:port`` of Triton's gRPC endpoint.
+        model: the Triton model name.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, *, model: str = LANCE_MODEL) -> None:
+        self.url = url
+        self.model = model
+
+    def generate(
+        self,
+        task: str,
+        prompt: str,
+        image: bytes | str | os.PathLike[str] | None = None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int | None = None,
+        seed: int | None = None,
+        cfg_scale: float | None = None,
+        max_new_tokens: int | None = None,
+        on_progress: ProgressCallback | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+    ) -> GenerationResult:
+        """Run one request and wait for its result.
+
+        Args:
+            task: one of ``contract.TASKS``.
+            prompt: prompt, question or instruction.
+            image: encoded PNG/JPEG bytes, or a path to such a file (x2t, edit).
+            height, width, steps, seed, cfg_scale, max_new_tokens: generation options; None leaves the server's
+                default (upstream's).
+            on_progress: called with (done, total) for every progress response.
+            timeout: seconds for the whole request (the gRPC stream deadline); None waits without limit.
+
+        Returns:
+            The image or text, with ``timings`` from the final response's parameters.
+
+        Raises:
+            LanceClientError: with the server's message and gRPC code.
+        """
+        if image is not None and not isinstance(image, bytes):
+            try:
+                image = Path(image).read_bytes()
+            except OSError as err:
+                raise LanceClientError(f"image: cannot read {image}: {err.strerror}") from None
+        options = {"height": height, "width": width, "steps": steps, "seed": seed, "cfg_scale": cfg_scale,
+                   "max_new_tokens": max_new_tokens}
+        given = {name for name, value in options.items() if value is not None}
+        request = GenerationRequest(task=task, prompt=prompt, image=image,
+                                    **{name: options[name] for name in given})
+        try:
+            tensors = request_to_tensors(request, only=given | {"image"})
+        except ValueError as err:
+            raise LanceClientError(str(err), "INVALID_ARGUMENT") from None
+        return self._stream(tensors, on_progress, timeout)
+
+    def _stream(self, tensors: dict[str, np.ndarray], on_progress: ProgressCallback | None,
+                timeout: float | None) -> GenerationResult:
+        inputs = []
+        for name, array in tensors.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), wire_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        events: queue.Queue[tuple[grpcclient.InferResult | None, InferenceServerException | None]] = queue.Queue()
+
+        # tritonclient calls the stream callback with keyword arguments (triton_on_cpu.md §2.4)
+        def callback(result: grpcclient.InferResult | None = None,
+                     error: InferenceServerException | None = None) -> None:
+            events.put((result, error))
+
+        client = grpcclient.InferenceServerClient(self.url)
+        settled = False  # FINAL or an error arrived: the server holds nothing for this request any more
+        try:
+            client.start_stream(callback=callback, stream_timeout=timeout, headers={"triton_grpc_error": "true"})
+            request_id = uuid.uuid4().hex
+            log.debug("request %s to %s at %s", request_id, self.model, self.url)
+            try:
+                client.async_stream_infer(self.model, inputs, request_id=request_id, enable_empty_final_response=True)
+            except InferenceServerException as err:
+                # the stream died at once (e.g. nothing listens at the url); its cause comes through the callback
+                settled = True
+                with contextlib.suppress(queue.Empty):
+                    err = events.get(timeout=_DEADLINE_GRACE_S)[1] or err
+                raise _client_error(err) from None
+            deadline = None if timeout is None else time.monotonic() + timeout + _DEADLINE_GRACE_S
+            image = text = None
+            timings: dict[str, float] = {}
+            while not settled:
+                wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                try:
+                    result, error = events.get(timeout=wait)
+                except queue.Empty:
+                    raise LanceClientError(f"no answer within {timeout} s", "DEADLINE_EXCEEDED") from None
+                if error is not None:
+                    settled = True
+                    raise _client_error(error)
+                assert result is not None, "stream callback without result or error"
+                response = result.get_response()
+                progress = result.as_numpy("progress") if _has_output(response, "progress") else None
+                if progress is not None and on_progress is not None:
+                    on_progress(int(progress[0]), int(progress[1]))
+                if _has_output(response, "image"):
+                    image = result.as_numpy("image")
+                if _has_output(response, "text"):
+                    text = _decode_text(result.as_numpy("text"))
+                timings.update(_numeric_parameters(response))
+                settled = response.parameters["triton_final_response"].bool_param
+        finally:
+            # Cancel only a request that may still run (Ctrl-C, a raising callback, no answer in time). Cancelling a
+            # stream whose request was refused by a full queue makes Triton 2.51 keep the model referenced: its
+            # graceful shutdown then waits out --exit-timeout-secs (see runtime.serve).
+            client.stop_stream(cancel_requests=not settled)
+            client.close()
+        if image is None and text is None:
+            raise LanceClientError("the server's final response carried neither image nor text", "INTERNAL")
+        return GenerationResult(image=image, text=text, timings=timings)
+
+
+def _has_output(response: Any, name: str) -> bool:
+    assert name in _OUTPUTS, f"{name} is not an output of model lance"
+    return any(output.name == name for output in response.outputs)
+
+
+def _decode_text(array: np.ndarray) -> str:
+    value = array.reshape(-1)[0]
+    try:
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    except UnicodeDecodeError as err:
+        raise LanceClientError(f"the server's text is not UTF-8 (byte {err.start})", "INTERNAL") from None
+
+
+def _numeric_parameters(response: Any) -> dict[str, float]:
+    """Numeric response parameters (the stage timings) except Triton's own ``triton_*`` flags."""
+    numbers = {}
+    for key, parameter in response.parameters.items():
+        kind = parameter.WhichOneof("parameter_choice")
+        if not key.startswith("triton_") and kind in ("double_param", "int64_param", "uint64_param"):
+            numbers[key] = float(getattr(parameter, kind))
+    return numbers
+
+
+# --- `lance-client` ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`lance-client {t2i,x2t,edit}` with the generation flags of `lance-trt run` (same names, same defaults)."""
+    parser = argparse.ArgumentParser(prog="lance-client", description="Generate with a Lance Triton server.")
+    parser.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC endpoint host:port (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help="seconds for the whole request (default: %(default)s)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+    for task, help_text in zip(contract.TASKS, ("text to image", "image to text (answer on stdout)", "image edit")):
+        _add_generation_options(tasks.add_parser(task, help=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0 on success, 1 when the server refuses or fails the request, 2 for bad arguments, 130 on Ctrl-C."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.task in ("x2t", "edit") and args.image is None:
+        parser.error(f"--image is required for {args.task}")
+    if args.task != "x2t" and args.output is None:
+        parser.error(f"-o/--output is required for {args.task}")
+    if args.image is not None and not args.image.is_file():
+        parser.error(f"--image: {args.image} is not a readable file")
+
+    from tqdm import tqdm
+
+    unit = "token" if args.task == "x2t" else "step"
+    with tqdm(total=None, unit=unit, file=sys.stderr, disable=args.quiet, dynamic_ncols=True) as bar:
+
+        def on_progress(done: int, total: int) -> None:
+            if bar.total != total:
+                bar.reset(total=total)
+            bar.update(done - bar.n)
+
+        try:
+            result = LanceClient(args.url).generate(
+                args.task, args.prompt, args.image, height=args.height, width=args.width, steps=args.steps,
+                seed=args.seed, cfg_scale=args.cfg_scale, max_new_tokens=args.max_new_tokens,
+                on_progress=on_progress, timeout=args.timeout,
+            )
+        except LanceClientError as err:
+            bar.close()
+            print(f"lance-client: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            bar.close()
+            print("lance-client: cancelled", file=sys.stderr)
+            return 130
+    if result.text is not None:
+        print(result.text)
+        return 0
+    from PIL import Image
+
+    try:
+        Image.fromarray(result.image).save(args.output)
+    except (OSError, ValueError) as err:
+        print(f"lance-client: -o/--output: cannot write {args.output}: {err}", file=sys.stderr)
+        return 1
+    print(f"lance-client: wrote {args.output} ({result.image.shape[1]}x{result.image.shape[0]})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""runtime.serve against a real tritonserver: start, readiness, stop without leftovers, the CLI, and the Triton 2.51
+behaviours its docstring reports (bounded queue, cancellation reaching a Python model)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.serve import (
+    CPU_CONFIG_NAME,
+    ProcessHandle,
+    ServerOptions,
+    ServerStartError,
+    TritonServer,
+    build_serve_parser,
+    descendants,
+    free_port,
+    serve_main,
+)
+from tests.triton_harness import (
+    REPO_ROOT,
+    Stream,
+    grpc_client,
+    running_server,
+    stream_infer,
+    triton_test,
+    write_lance_standin,
+    write_model,
+)
+
+ECHO_CONFIG = """backend: "python"
+max_batch_size: 0
+input [ { name: "X" data_type: TYPE_FP32 dims: [ -1 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+ECHO_PY = """
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("Y", 2 * pb_utils.get_input_tensor_by_name(r, "X").as_numpy())]) for r in requests]
+"""
+
+# A decoupled model whose execute blocks for DUR seconds, as lance's loop does, polling for cancellation.
+SLEEPER_CONFIG = """backend: "python"
+max_batch_size: 0
+model_transaction_policy { decoupled: true }
+input [ { name: "DUR" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "T" data_type: TYPE_FP32 dims: [ 1 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+SLEEPER_QUEUE = "dynamic_batching { default_queue_policy { max_queue_size: 2 } }\n"
+SLEEPER_PY = """
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            duration = float(pb_utils.get_input_tensor_by_name(request, "DUR").as_numpy()[0])
+            name, t0 = request.request_id(), time.monotonic()
+            pb_utils.Logger.log_info(f"sleeper {name} start")
+            while time.monotonic() - t0 < duration:
+                if request.is_cancelled() or sender.is_cancelled():
+                    pb_utils.Logger.log_info(f"sleeper {name} cancelled request={request.is_cancelled()} "
+                                             f"sender={sender.is_cancelled()}")
+                    break
+                sender.send(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("T", np.array([time.monotonic() - t0], np.float32))]))
+                time.sleep(0.02)
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+"""
+FAILING_PY = """
+class TritonPythonModel:
+    def initialize(self, args):
+        raise RuntimeError("initialize failed on purpose 4711")
+
+    def execute(self, requests):
+        return None
+"""
+
+
+def _duration(seconds: float) -> dict[str, np.ndarray]:
+    return {"DUR": np.array([seconds], np.float32)}
+
+
+# --- without a server ------------------------------------------------------------------------------------------
+
+
+def test_missing_tritonserver_names_the_install_command() -> None:
+    # -S: no site-packages, so no nvidia-pytriton; an empty PATH: no tritonserver there either
+    code = ("from runtime.serve import find_tritonserver\n"
+            "try:\n    find_tritonserver()\nexcept FileNotFoundError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=REPO_ROOT, env={"PATH": "/nonexistent"},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'lance-trt[serve]'" in out.stdout
+
+
+def test_server_arguments() -> None:
+    gpu = ServerOptions().arguments(8001, 8000, 8002)
+    assert {"--grpc-address=127.0.0.1", "--grpc-port=8001", "--http-address=127.0.0.1", "--http-port=8000",
+            "--metrics-address=127.0.0.1", "--metrics-port=8002", "--exit-on-error=true", "--exit-timeout-secs=30",
+            "--cuda-memory-pool-byte-size=0:536870912", "--pinned-memory-pool-byte-size=268435456",
+            "--backend-config=python,shm-default-byte-size=16777216",
+            "--backend-config=python,shm-growth-byte-size=16777216",
+            "--backend-config=python,stub-timeout-seconds=300", "--log-verbose=0"} <= set(gpu)
+    assert not any(a.startswith("--model-config-name") for a in gpu)
+    cpu = ServerOptions(cpu=True, address="0.0.0.0", exit_on_error=False, extra_args=("--strict-readiness=false",))
+    args = cpu.arguments(1, 2, 3)
+    assert f"--model-config-name={CPU_CONFIG_NAME}" in args and "--pinned-memory-pool-byte-size=0" in args
+    assert "--grpc-address=0.0.0.0" in args and "--exit-on-error=false" in args
+    assert not any(a.startswith("--cuda-memory-pool-byte-size") for a in args)
+    assert args[-1] == "--strict-readiness=false"
+    assert "--model-config-name=h100" in ServerOptions(model_config_name="h100").arguments(1, 2, 3)
+
+
+@pytest.mark.parametrize("bad", [dict(grpc_port=70000), dict(shm_default_byte_size=0), dict(log_verbose=-1),
+                                 dict(model_config_name="a b"), dict(stub_timeout_seconds=0)])
+def test_server_options_reject(bad: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        ServerOptions(**bad)
+
+
+def test_serve_parser() -> None:
+    args = build_serve_parser().parse_args(["--cpu", "--shm-default-byte-size", "64M", "--cuda-memory-pool-byte-size",
+                                            "1GiB", "--no-exit-on-error", "--grpc-port", "9001"])
+    assert args.cpu and not args.exit_on_error and args.grpc_port == 9001 and args.http_port == 8000
+    assert (args.shm_default_byte_size, args.cuda_memory_pool_byte_size) == (64 << 20, 1 << 30)
+    assert args.repo == Path("triton_repo")
+    for bad in (["--grpc-port", "0"], ["--shm-growth-byte-size", "lots"]):
+        with pytest.raises(SystemExit):
+            build_serve_parser().parse_args(bad)
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "config_only"])
+def test_unpopulated_repo_gets_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: str) -> None:
+    repo = tmp_path / "triton_repo"
+    if layout != "missing":
+        repo.mkdir()
+    if layout == "config_only":
+        write_model(repo, "echo", ECHO_CONFIG, ECHO_PY)
+        (repo / "lance").mkdir()
+        (repo / "lance" / "config.pbtxt").write_text("")
+    assert serve_main(["--repo", str(repo)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "`lance-trt repo ENGINE_DIR --checkpoint DIR`" in err and "`lance-trt demo`" in err and str(repo) in err
+
+
+# --- a real server ---------------------------------------------------------------------------------------------
+
+
+@triton_test
+def test_start_ready_stop(tmp_path: Path) -> None:
+    write_model(tmp_path / "repo", "echo", ECHO_CONFIG, ECHO_PY)
+    with running_server(tmp_path / "repo") as server:
+        client = grpc_client(server)
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("echo")
+        if "pytriton" in str(server.binary):
+            assert client.get_server_metadata().version == "2.51.0"
+        with urllib.request.urlopen(f"{server.http_url}/v2/health/ready", timeout=5) as response:
+            assert response.status == 200
+        import tritonclient.grpc as grpcclient
+
+        x = grpcclient.InferInput("X", [3], "FP32")
+        x.set_data_from_numpy(np.array([1.0, 2.0, 3.0], np.float32))
+        np.testing.assert_array_equal(client.infer("echo", [x]).as_numpy("Y"), [2.0, 4.0, 6.0])
+        client.close()
+        stubs = server.children()
+        assert len(stubs) == 1 and stubs[0].alive()
+        backend_dir = Path(next(a for a in server.process.args if a.startswith("--backend-directory=")).split("=")[1])
+        assert (backend_dir / "python" / "triton_python_backend_stub").exists()
+        assert server.log_path.read_text().count("successfully loaded 'echo'") == 1
+    assert server.process.returncode == 0  # SIGTERM: a graceful exit
+    if "pytriton" in str(server.binary):
+        assert not backend_dir.exists()  # the symlink folder is removed
+    assert server.stop() == 0  # a second stop is harmless
+
+
+@triton_test
+def test_start_failure_reports_log_tail(tmp_path: Path) -> None:
+    write_model(tmp_path / "repo", "broken", ECHO_CONFIG, FAILING_PY)
+    server = TritonServer(tmp_path / "repo", ServerOptions(cpu=True), log_path=tmp_path / "log.txt")
+    t0 = time.monotonic()
+    with pytest.raises(ServerStartError, match="initialize failed on purpose 4711"):
+        server.start(timeout=120)
+    assert time.monotonic() - t0 < 60
+    assert server.process.returncode not in (None, 0)
+    assert ProcessHandle.of(server.pid) is None
+
+
+@triton_test
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_serve_main_until_interrupt(tmp_path: Path, signum: int) -> None:
+    write_lance_standin(tmp_path / "repo")
+    ports = [str(free_port()) for _ in range(3)]
+    command = [sys.executable, "-c", "import sys; from runtime.serve import serve_main; sys.exit(serve_main())",
+               "--repo", str(tmp_path / "repo"), "--cpu", "--grpc-port", ports[0], "--http-port", ports[1],
+               "--metrics-port", ports[2], "--log-file", str(tmp_path / "server.log"), "--exit-timeout-secs", "5"]
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"grpc 127.0.0.1:{ports[0]}" in line and f"http http://127.0.0.1:{ports[1]}" in line, (
+            line + proc.stderr.read() if proc.poll() is not None else line)
+        family = descendants(proc.pid)  # tritonserver and its stub
+        assert len(family) == 2
+        proc.send_signal(signum)  # SIGINT is what Ctrl-C delivers
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "stopping tritonserver" in proc.stderr.read()
+    assert not [p for p in family if p.alive()]
+
+
+@pytest.fixture(scope="module")
+def sleeper(tmp_path_factory: pytest.TempPathFactory):
+    """A server whose `sleeper` has its queue bound only in configs/cpu.pbtxt: `--cpu` must pick that file, while
+    `echo`, which has no configs/ folder, falls back to config.pbtxt."""
+    repo = tmp_path_factory.mktemp("queue") / "repo"
+    write_model(repo, "sleeper", SLEEPER_CONFIG, SLEEPER_PY, configs={CPU_CONFIG_NAME: SLEEPER_CONFIG + SLEEPER_QUEUE})
+    write_model(repo, "echo", ECHO_CONFIG, ECHO_PY)
+    with running_server(repo) as server:
+        yield server
+
+
+def _wait_running(stream: Stream) -> None:
+    """Block until the request's execute has sent its first response."""
+    assert stream.collect(timeout=20, first_response=True).responses, "the request never started"
+
+
+@triton_test
+def test_bounded_queue_rejects_excess(sleeper: TritonServer) -> None:
+    running = Stream(sleeper.grpc_url, "sleeper", _duration(1.5), request_id="run")
+    waiting: list[Stream] = []
+    try:
+        _wait_running(running)
+        waiting += [Stream(sleeper.grpc_url, "sleeper", _duration(0.1), request_id=f"q{i}") for i in range(4)]
+        outcomes = [s.collect(timeout=30) for s in waiting]
+        assert running.collect(timeout=30).final_at is not None
+    finally:
+        for s in [running, *waiting]:
+            s.close()
+    rejected = [o for o in outcomes if o.error is not None]
+    served = [o for o in outcomes if o.final_at is not None]
+    assert len(rejected) == 2 and len(served) == 2, outcomes
+    for o in rejected:
+        at, status, message = o.error
+        assert "Exceeds maximum queue size" in message
+        assert status is None  # 2.51 sends it as an in-stream error without a gRPC code
+        assert at < 1.0  # refused at once, not after the running request
+    assert all(o.final_at > 1.0 for o in served)  # they waited for the running request
+
+
+@triton_test
+def test_cancel_reaches_running_and_queued_requests(sleeper: TritonServer) -> None:
+    running = Stream(sleeper.grpc_url, "sleeper", _duration(30.0), request_id="long")
+    streams = [running]
+    try:
+        _wait_running(running)
+        queued = Stream(sleeper.grpc_url, "sleeper", _duration(30.0), request_id="dropped")
+        after = Stream(sleeper.grpc_url, "sleeper", _duration(0.1), request_id="after")
+        streams += [queued, after]
+        time.sleep(0.2)
+        queued.cancel()  # still waiting in the queue
+        t0 = time.monotonic()
+        running.cancel()  # inside execute
+        outcome = after.collect(timeout=20)
+        assert outcome.final_at is not None and time.monotonic() - t0 < 3.0, outcome
+    finally:
+        for s in streams:
+            s.close()
+    log = sleeper.log_path.read_text()
+    assert "sleeper long cancelled request=True sender=True" in log
+    assert "sleeper dropped start" not in log
+    assert "sleeper after start" in log
+
+
+@triton_test
+def test_cpu_mode_picks_configs_cpu(sleeper: TritonServer) -> None:
+    client = grpc_client(sleeper)
+    try:
+        assert client.get_model_config("sleeper").config.dynamic_batching.default_queue_policy.max_queue_size == 2
+        assert client.is_model_ready("echo")  # no configs/ folder: config.pbtxt
+        assert not client.get_model_config("echo").config.HasField("dynamic_batching")
+    finally:
+        client.close()
+    outcome = stream_infer(sleeper.grpc_url, "sleeper", _duration(0.05))
+    assert outcome.error is None and outcome.final_at is not None and outcome.responses
+
+
+@triton_test
+def test_stop_outlasts_a_rejected_then_cancelled_stream(tmp_path: Path) -> None:
+    """Triton 2.51 keeps a model referenced after a stream whose request the full queue refused is cancelled (as a
+    client that crashes after the refusal does): graceful shutdown then waits the whole --exit-timeout-secs. stop()
+    must still end everything."""
+    write_model(tmp_path / "repo", "sleeper", SLEEPER_CONFIG + SLEEPER_QUEUE.replace("2", "1"), SLEEPER_PY)
+    with running_server(tmp_path / "repo", exit_timeout_secs=2) as server:
+        running = Stream(server.grpc_url, "sleeper", _duration(0.5), request_id="run")
+        _wait_running(running)
+        queued = Stream(server.grpc_url, "sleeper", _duration(0.1), request_id="queued")
+        refused = Stream(server.grpc_url, "sleeper", _duration(0.1), request_id="refused")
+        assert "Exceeds maximum queue size" in refused.collect(timeout=10).error[2]
+        refused.cancel()
+        for stream in (running, queued):
+            assert stream.collect(timeout=10).final_at is not None
+            stream.close()
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 2 + 10  # running_server's exit has already checked for leftovers
+    if "pytriton" in str(server.binary):
+        assert "Exit timeout expired" in server.log_path.read_text()
