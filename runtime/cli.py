@@ -1,7 +1,8 @@
 """`lance-trt`: the command line of the deployment package.
 
-Subcommands: `download`, `tiny`, `run` (the PyTorch / ONNX Runtime / TensorRT pipeline in-process), `serve`.
-Results go to files or stdout; progress and logs go to stderr.
+Subcommands: `download`, `tiny`, `run` (the PyTorch / ONNX Runtime / TensorRT pipeline in-process), and the
+deployment steps `export`, `check-onnx`, `build`, `repo`, `serve`, `demo`, `bench`, each owned by its module (the
+module's `*_main(argv)` parses its own flags). Results go to files or stdout; progress and logs go to stderr.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from runtime import constants
 log = logging.getLogger("lance_trt")
 
 
-def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
     """The generation flags shared by `lance-trt run` and `lance-client` (same names, same defaults)."""
     parser.add_argument("--prompt", required=True, help="prompt (t2i), question (x2t) or instruction (edit)")
     parser.add_argument("--image", type=Path, help="input image (x2t, edit)")
@@ -51,10 +52,31 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", type=Path, help="engine folder (ONNX / plans) for the onnxruntime and tensorrt runners")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    _add_generation_options(p)
+    add_generation_options(p)
 
-    sub.add_parser("serve", help="serve a Triton model repository with tritonserver", add_help=False)
+    for name, (_, help_text) in _DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+# Subcommands whose flags their own module parses: name -> ("module:function", help).
+_DELEGATED = {
+    "export": ("export.onnx_export:export_main", "export the engines of a checkpoint to ONNX (fp32 and bf16)"),
+    "check-onnx": ("export.check_onnx:check_onnx_main", "check ONNX graphs against the TensorRT 10.5 parser"),
+    "build": ("export.build:build_main", "build TensorRT plans with the contract's profiles"),
+    "repo": ("runtime.triton_repo:repo_main", "install engines into a Triton model repository"),
+    "serve": ("runtime.serve:serve_main", "serve a Triton model repository with tritonserver"),
+    "demo": ("runtime.demo:demo_main", "tiny checkpoint -> ONNX -> repository -> tritonserver -> gRPC, on CPU"),
+    "bench": ("runtime.bench:bench_main", "benchmark the runners (GPU) and the Triton path (CPU)"),
+}
+
+
+def _delegate(name: str, argv: list[str]) -> int:
+    import importlib
+
+    target, _ = _DELEGATED[name]
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)(argv)
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
@@ -113,10 +135,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"]:
-        from runtime.serve import serve_main
-
-        return serve_main(argv[1:])
+    if argv[:1] and argv[0] in _DELEGATED:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+        return _delegate(argv[0], argv[1:])
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -32,7 +32,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from runtime import contract
-from runtime.cli import _add_generation_options  # a stdlib-only module: keeps the client free of torch
+from runtime.cli import add_generation_options  # a stdlib-only module: keeps the client free of torch
 from runtime.request import GenerationRequest, GenerationResult, ProgressCallback, request_to_tensors, wire_dtype
 from runtime.serve import DEFAULT_GRPC_PORT, LANCE_MODEL
 
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
     for task, help_text in zip(contract.TASKS, ("text to image", "image to text (answer on stdout)", "image edit")):
-        _add_generation_options(tasks.add_parser(task, help=help_text))
+        add_generation_options(tasks.add_parser(task, help=help_text))
     return parser
 
 

@@ -216,14 +216,16 @@ def patchify(video: torch.Tensor, config: VisionConfig = _VISION) -> torch.Tenso
     return x.reshape(gt * gh * gw, channels * tp * p * p)
 
 
-def vit_image_input(image: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """ViT input of one image: bucket at `constants.VIT_RESOLUTION_IMAGE`, crop to multiples of 28, CLIP
-    normalisation, the frame repeated to 2, Qwen2-VL patch rows.
+def vit_image_input(
+    image: Image.Image, area_side: int = constants.VIT_RESOLUTION_IMAGE
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """ViT input of one image: bucket at ``area_side**2`` (upstream's image_768res: 672), crop to multiples of 28,
+    CLIP normalisation, the frame repeated to 2, Qwen2-VL patch rows.
 
     Returns:
         patches ``(P, 1176)`` float32 and ``grid_thw = (1, H / 14, W / 14)``; the LLM gets ``P / 4`` tokens.
     """
-    x = _bucket_tensor(image, constants.VIT_RESOLUTION_IMAGE, constants.VIT_CROP_MULTIPLE,
+    x = _bucket_tensor(image, area_side, constants.VIT_CROP_MULTIPLE,
                        constants.VIT_MEAN, constants.VIT_STD)
     video = x[:, None].repeat(1, _VISION.temporal_patch_size, 1, 1)
     grid = (1, x.shape[1] // _VISION.patch_size, x.shape[2] // _VISION.patch_size)

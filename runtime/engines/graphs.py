@@ -1,0 +1,192 @@
+"""Engine-shaped modules: each ``forward`` takes its engine's contract inputs by name and returns the outputs in
+contract order (``runtime.contract``). ONNX export traces these; ``TorchRunner`` runs them.
+
+They add no math of their own beyond the casts at the engine boundary: contract inputs declared fp32 (patches,
+pixels, noise) enter the network in its compute dtype, and the VAE returns fp32 as upstream does (``u.float()``,
+``decode(...).float()``). In an fp32 model every such cast is a no-op, so the fp32 and bf16 graphs differ only by
+Cast nodes (tests/test_export.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+import torch
+from torch import nn
+
+from runtime.contract import ENGINES, EngineSpec, engine_specs
+from runtime.engines import Engines, Runner, TorchRunner
+from runtime.models.mot import LanceMoT
+from runtime.models.vae import WanVAE, sample_posterior
+from runtime.models.vit import Qwen25VisionTransformer
+
+if TYPE_CHECKING:
+    from runtime.checkpoint import LanceModels
+
+logger = logging.getLogger(__name__)
+
+RUNNERS = ("torch", "onnxruntime", "tensorrt")
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the module's weights: the precision the engine computes in."""
+    return next(module.parameters()).dtype
+
+
+class MotGraph(nn.Module):
+    """The ``mot`` engine: `LanceMoT.step` (see ``runtime.contract.mot_spec`` for the tensors)."""
+
+    def __init__(self, mot: LanceMoT) -> None:
+        super().__init__()
+        self.mot = mot
+
+    def forward(
+        self,
+        und_head: torch.Tensor,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        latent_pos: torch.Tensor,
+        und_tail: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+        past_len: torch.Tensor,
+        causal: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            und_head: ``(B, Lh, D)`` compute dtype.
+            latents: ``(B, Lg, 48)`` compute dtype.
+            timestep: ``(B,)`` fp32.
+            latent_pos: ``(Lg, D)`` compute dtype.
+            und_tail: ``(B, Lt, D)`` compute dtype.
+            cos, sin: ``(B, Lh + Lg + Lt, head_dim)`` fp32.
+            past_key, past_value: ``(layers, B, P, kv_heads, head_dim)`` compute dtype.
+            past_len: ``(B,)`` int64.
+            causal: ``()`` bool.
+        Returns:
+            logits ``(B, vocab)`` fp32, velocity ``(B, Lg, 48)``, key and value ``(layers, B, L, kv_heads, head_dim)``.
+        """
+        return self.mot.step(und_head, latents, timestep, latent_pos, und_tail, cos, sin, past_key, past_value,
+                             past_len, causal)
+
+
+class VitGraph(nn.Module):
+    """The ``vit`` engine: the vision tower on one image's patches with host-computed window/rotary inputs."""
+
+    def __init__(self, vit: Qwen25VisionTransformer) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(
+        self,
+        patches: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        window_mask: torch.Tensor,
+        full_mask: torch.Tensor,
+        window_index: torch.Tensor,
+        reverse_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Args:
+            patches: ``(4N, 1176)`` fp32 patch rows.
+            cos, sin: ``(4N, head_dim)`` fp32, window order.
+            window_mask, full_mask: ``(4N, 4N)`` fp32 additive masks.
+            window_index, reverse_index: ``(N,)`` int64.
+        Returns:
+            hidden ``(N, out_hidden)`` in the compute dtype.
+        """
+        return self.vit(patches, cos, sin, window_mask, full_mask, window_index, reverse_index)
+
+
+class VaeEncodeGraph(nn.Module):
+    """The ``vae_encode`` engine: ``encode_image`` then ``sample_posterior`` with the noise input."""
+
+    def __init__(self, vae: WanVAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            image: ``(1, 3, 16h, 16w)`` fp32 in [-1, 1].
+            noise: ``(1, 48, h, w)`` fp32 standard normal.
+        Returns:
+            latent, mean (normalised), log_var (raw), each ``(1, 48, h, w)`` fp32.
+        """
+        mean, log_var = self.vae.encode_image(image.to(_compute_dtype(self.vae)))
+        # Upstream casts the encoder's outputs to float and samples in fp32.
+        mean, log_var = mean.float(), log_var.float()
+        return sample_posterior(mean, log_var, noise), mean, log_var
+
+
+class VaeDecodeGraph(nn.Module):
+    """The ``vae_decode`` engine: ``decode_image``."""
+
+    def __init__(self, vae: WanVAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        """latent: ``(1, 48, h, w)`` fp32 normalised -> image ``(1, 3, 16h, 16w)`` fp32 in [-1, 1]."""
+        return self.vae.decode_image(latent.to(_compute_dtype(self.vae))).float()
+
+
+def graph_modules(models: "LanceModels") -> dict[str, nn.Module]:
+    """The four engine modules over loaded models, by engine name (`runtime.contract.ENGINES` order)."""
+    return {"vit": VitGraph(models.vit), "mot": MotGraph(models.mot), "vae_encode": VaeEncodeGraph(models.vae),
+            "vae_decode": VaeDecodeGraph(models.vae)}
+
+
+def engines_for(
+    runner: str,
+    source: "LanceModels | str | Path",
+    *,
+    specs: Mapping[str, EngineSpec] | None = None,
+    precision: str = "fp32",
+    threads: int | None = None,
+) -> Engines:
+    """The four runners of one backend, so a pipeline is built with ``--runner torch|onnxruntime|tensorrt`` without
+    branching.
+
+    Args:
+        runner: ``"torch"``, ``"onnxruntime"`` or ``"tensorrt"``.
+        source: loaded models (``torch``) or an engine folder holding ``<precision>/<engine>.onnx`` (``onnxruntime``)
+            or ``<precision>/<engine>.plan`` + ``.json`` (``tensorrt``), as ``lance-trt export`` / ``build`` write.
+        specs: the contract per engine (`runtime.contract.engine_specs`); for ``torch`` it defaults to the models'
+            configs, the other backends need it (the host side knows the configs from the checkpoint).
+        precision: ``"fp32"`` or ``"bf16"`` (engine folders); ONNX Runtime runs fp32 only.
+        threads: ONNX Runtime intra-op threads (None: its default).
+    Raises:
+        ValueError: an unknown runner, a source of the wrong kind, missing ``specs``, bf16 with ONNX Runtime.
+    """
+    if runner not in RUNNERS:
+        raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
+    if runner == "torch":
+        if isinstance(source, (str, Path)):
+            raise ValueError("the torch runner needs loaded models (runtime.checkpoint.load_lance), not a folder")
+        specs = specs or engine_specs(source.llm_config, source.vision_config, source.vae_config)
+        modules = graph_modules(source)
+        runners: dict[str, Runner] = {name: TorchRunner(specs[name], modules[name]) for name in ENGINES}
+        return Engines(**runners)
+    if not isinstance(source, (str, Path)):
+        raise ValueError(f"the {runner} runner needs an engine folder, got {type(source).__name__}")
+    if specs is None:
+        raise ValueError(f"the {runner} runner needs the engine specs (runtime.contract.engine_specs)")
+    folder = Path(source) / precision
+    logger.info("engines: %s from %s", runner, folder)
+    if runner == "onnxruntime":
+        from runtime.engines.ort import OrtRunner
+
+        if precision != "fp32":
+            raise ValueError("ONNX Runtime's CPU provider has no bf16 arithmetic: use the fp32 graphs")
+        runners = {name: OrtRunner(specs[name], folder / f"{name}.onnx", threads=threads) for name in ENGINES}
+    else:
+        from runtime.engines.trt import TrtRunner
+
+        runners = {name: TrtRunner(specs[name], folder / f"{name}.plan") for name in ENGINES}
+    return Engines(**runners)

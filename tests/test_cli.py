@@ -1,0 +1,48 @@
+"""`lance-trt` end to end: tiny checkpoint, then each task through `lance-trt run`, as a user types it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from runtime.cli import main
+
+
+def lance_trt(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_tiny_then_t2i_x2t_edit(tmp_path: Path) -> None:
+    ckpt, out = tmp_path / "ck", tmp_path / "a.png"
+    assert lance_trt("tiny", str(ckpt)).returncode == 0
+    run = lance_trt("run", "t2i", "--checkpoint", str(ckpt), "--prompt", "a red cube", "--height", "256",
+                    "--width", "256", "--steps", "4", "-o", str(out))
+    assert run.returncode == 0, run.stderr
+    assert Image.open(out).size == (256, 256)
+
+    answer = lance_trt("run", "x2t", "--checkpoint", str(ckpt), "--image", str(out), "--prompt", "What is this?",
+                       "--max-new-tokens", "4")
+    assert answer.returncode == 0, answer.stderr
+    assert "INFO" not in answer.stdout  # stdout carries the answer only; logs go to stderr
+
+    edited = tmp_path / "e.png"
+    run = lance_trt("run", "edit", "--checkpoint", str(ckpt), "--image", str(out), "--prompt", "make it blue",
+                    "--height", "256", "--width", "256", "--steps", "2", "-o", str(edited))
+    assert run.returncode == 0, run.stderr
+    assert np.asarray(Image.open(edited)).shape == (256, 256, 3)
+
+
+def test_errors_name_the_field(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    assert main(["run", "t2i", "--checkpoint", str(tiny_checkpoint), "--prompt", "x", "--height", "100",
+                 "-o", str(tmp_path / "x.png")]) == 2
+    assert "height" in capsys.readouterr().err
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"definitely not a png")
+    assert main(["run", "x2t", "--checkpoint", str(tiny_checkpoint), "--image", str(bad), "--prompt", "q"]) == 2
+    assert "image" in capsys.readouterr().err
+    assert main(["run", "t2i", "--checkpoint", str(tiny_checkpoint), "--prompt", "x"]) == 2
+    assert "--output" in capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""The reference pipeline end to end on the tiny checkpoint: every task, determinism, progress, cancellation, CFG
+batching, and the requests it refuses."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from runtime.request import Cancelled, GenerationRequest, RequestError
+from runtime.sequence import cfg_text_plan, plan_t2i
+
+SMALL = dict(height=256, width=256, steps=3)
+
+
+def png_bytes(seed: int = 0, size: tuple[int, int] = (320, 240)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_t2i_is_deterministic_and_seeded(torch_pipeline) -> None:
+    request = GenerationRequest("t2i", "a red cube", **SMALL, seed=7)
+    first = torch_pipeline.generate(request).image
+    again = torch_pipeline.generate(request).image
+    other = torch_pipeline.generate(GenerationRequest("t2i", "a red cube", **SMALL, seed=8)).image
+    assert first.shape == (256, 256, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_t2i_non_square_size(torch_pipeline) -> None:
+    image = torch_pipeline.generate(GenerationRequest("t2i", "a cat", height=256, width=384, steps=1)).image
+    assert image.shape == (256, 384, 3)
+
+
+def test_progress_counts_steps_and_timings(torch_pipeline) -> None:
+    seen: list[tuple[int, int]] = []
+    result = torch_pipeline.generate(GenerationRequest("t2i", "a red cube", **SMALL), on_progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert {"plan", "prefill", "denoise", "vae_decode"} <= set(result.timings)
+
+
+def test_cancellation_stops_between_steps(torch_pipeline) -> None:
+    seen: list[int] = []
+    with pytest.raises(Cancelled):
+        torch_pipeline.generate(GenerationRequest("t2i", "a red cube", **SMALL),
+                                on_progress=lambda d, t: seen.append(d), is_cancelled=lambda: len(seen) >= 1)
+    assert seen == [1]
+
+
+def test_x2t_greedy_answer_is_deterministic(torch_pipeline) -> None:
+    request = GenerationRequest("x2t", "What is in the image?", image=png_bytes(), max_new_tokens=8)
+    first = torch_pipeline.generate(request)
+    again = torch_pipeline.generate(request)
+    assert first.token_ids == again.token_ids and first.text == again.text
+    assert 0 < len(first.token_ids) <= 8 or first.token_ids == []
+    assert all(t < torch_pipeline.host.special.len for t in first.token_ids)
+
+
+def test_edit_takes_the_reference_bucket(torch_pipeline) -> None:
+    # 320x240 is 4:3 landscape: the 4:3 bucket at area 256x256 is 224x304 (h x w; preprocess.bucket_table(256)).
+    image = torch_pipeline.generate(GenerationRequest("edit", "make it blue", image=png_bytes(), **SMALL)).image
+    assert image.shape == (224, 304, 3)
+    again = torch_pipeline.generate(GenerationRequest("edit", "make it blue", image=png_bytes(), **SMALL)).image
+    assert np.array_equal(image, again)
+
+
+def test_batched_cfg_query_equals_separate_branches(torch_pipeline) -> None:
+    """The denoise query stacks both CFG branches (rows batched, attention per branch): it must equal running the
+    cond and cfg_text branches one at a time, as upstream does."""
+    pipe = torch_pipeline
+    plan = plan_t2i(pipe.host.tokenizer, "a red cube", 4, 6)
+    plans = [plan, cfg_text_plan(plan)]
+    cache = pipe._cache(max(p.context_length for p in plans), batch=2)
+    for index, p in enumerate(plans):
+        pipe._prefill(p, cache, index, vit_rows=None, ref_latent=None)
+    noise = plan.splits[plan.noise_index]
+    x = torch.randn(1, 24, 48, generator=torch.Generator().manual_seed(0))
+    queries = [pipe._split_feed(noise, p.split_position_ids(p.noise_index), None, x, 0.0) for p in plans]
+    batched = pipe._velocity(queries, x, 0.7, cache)
+    for index, query in enumerate(queries):
+        single_cache = pipe._cache(plans[index].context_length, batch=1)
+        pipe._prefill(plans[index], single_cache, 0, vit_rows=None, ref_latent=None)
+        single = pipe._velocity([query], x, 0.7, single_cache)
+        torch.testing.assert_close(batched[index:index + 1], single, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(batched[0], batched[1])
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "field"),
+    [
+        (dict(task="t2i", prompt="x", height=250), "height"),
+        (dict(task="t2i", prompt="x", width=2048), "width"),
+        (dict(task="t2i", prompt="   "), "prompt"),
+        (dict(task="t2i", prompt="x", steps=0), "steps"),
+        (dict(task="edit", prompt="x"), "image"),
+        (dict(task="x2t", prompt="x", image=b"not an image"), "image"),
+        (dict(task="edit", prompt="x", image=png_bytes()[:100]), "image"),
+        (dict(task="t2i", prompt="word " * 3000), "prompt"),
+    ],
+)
+def test_bad_requests_are_refused(torch_pipeline, request_kwargs, field) -> None:
+    with pytest.raises(RequestError) as err:
+        torch_pipeline.generate(GenerationRequest(**request_kwargs))
+    assert err.value.field == field
