@@ -437,7 +437,9 @@ def load_vae(layout: CheckpointLayout, *, device: str | torch.device = "cpu",
             vae = WanVAE(config)
         logger.info("loading %d VAE tensors from %s", len(weights.shapes), weights.path)
         _assign(vae, {k: (weights, k) for k in weights.shapes}, str(weights.path), device, dtype)
-    return vae, config
+    # The latent mean/std are non-persistent buffers: cast them with the weights, as upstream's `vae.to(bf16)` does
+    # (a no-op for the already-assigned parameters, so the fp32 mmap stays shared).
+    return vae.to(device=device, dtype=dtype), config
 
 
 @dataclass(frozen=True)

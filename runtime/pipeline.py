@@ -384,6 +384,8 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     try:
         yield
     finally:
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # a stage's time includes its queued kernels
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
 

@@ -301,3 +301,13 @@ def test_same_seed_same_bytes_other_seed_other_weights(tiny: Path, tmp_path: Pat
     assert other.keys() == again.keys()
     for name in (LLM_FILE, VIDEO_LLM_FILE, VIT_FILE, VAE_FILE):
         assert other[name] != again[name], name
+
+
+def test_bf16_load_runs_every_network(tiny_checkpoint) -> None:
+    """A bf16 load casts the VAE's latent statistics with its weights, so every network runs in bf16."""
+    from runtime.checkpoint import load_lance
+
+    models = load_lance(tiny_checkpoint, dtype=torch.bfloat16)
+    assert models.vae.latent_mean.dtype == torch.bfloat16
+    image = models.vae.decode_image(torch.randn(1, 48, 2, 3, dtype=torch.bfloat16))
+    assert image.shape == (1, 3, 32, 48) and torch.isfinite(image.float()).all()

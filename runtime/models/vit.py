@@ -247,8 +247,10 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`eager_attention` through ``F.scaled_dot_product_attention`` (fused kernels on GPU); same signature."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+    """`eager_attention` through ``F.scaled_dot_product_attention`` (fused kernels on GPU); same signature.
+
+    The batch axis is added because 3-D inputs send SDPA to its unfused math kernel on CUDA."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask.to(q.dtype)[None, None])[0]
 
 
 ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
