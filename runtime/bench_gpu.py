@@ -1,0 +1,752 @@
+"""`lance-trt bench gpu`: the PyTorch runners on one GPU against their compute floors.
+
+Full-size Lance (`LanceLLMConfig()`, `VisionConfig()`, `WanVAEConfig()`) is built directly on the GPU with seeded
+random weights scaled by fan-in (the rule of `runtime.tiny`), so no checkpoint is needed; speed does not depend on
+the values. Parts (``--parts``, each fits well inside ten minutes on an H100):
+
+* ``peak``: the measured bf16 matrix-product rate and device copy bandwidth: the ceilings every ratio uses.
+* ``sdpa``: the denoise attention (16 query heads over 2 K/V heads) through each SDPA backend, with
+  ``enable_gqa`` and with K/V expanded per head.
+* ``denoise``: one forward of the denoise query (``<vs>`` + latents + ``<ve>`` over the prompt context) for one
+  branch and for both CFG branches, per size: the fast runner (`runtime.engines.cuda`) with and without compiled
+  element-wise kernels, and the eager reference `LanceMoT.step`; a kernel profile of the fast forward.
+* ``vit``: the vision tower at 672x672, eager and graph-replayed.
+* ``vae``: the VAE decoder per size in bf16 and fp32, NCHW and channels-last.
+* ``text``: t2i prefill, the x2t ViT-block prefill and AR decode tokens/s.
+* ``e2e``: t2i (30 steps, CFG 4.0) per size and x2t, through `LancePipeline` with the fast engines and with the
+  plain eager reference engines on the same weights; peak GPU memory of each.
+
+Each row is a median time over repeats with CUDA events (wall clock for whole requests) and, where it has one, its
+floor: FLOPs over the measured matmul peak, or bytes over the measured bandwidth. A table goes to stdout and every
+number to the ``--out`` JSON, which names the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import logging
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from runtime import constants
+from runtime.checkpoint import parameters_on_meta
+from runtime.contract import EngineSpec, engine_specs
+from runtime.engines import Engines, Runner, TorchRunner
+from runtime.engines.cuda import CudaMoT, CudaMotRunner, GraphRunner, fused_attention_tower
+from runtime.engines.graphs import MotGraph, VaeDecodeGraph, VaeEncodeGraph, VitGraph
+from runtime.models.mot import LanceLLMConfig, LanceMoT
+from runtime.models.vae import WanVAE, WanVAEConfig
+from runtime.models.vit import Qwen25VisionTransformer, VisionConfig, vision_inputs
+from runtime.pipeline import LanceHost, LancePipeline
+from runtime.request import GenerationRequest
+from runtime.tokenizer import SpecialIds, build_tokenizer_files, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+PARTS = ("peak", "sdpa", "denoise", "vit", "vae", "text", "e2e")
+SDPA_CHOICES = {"default": None, "cudnn": [SDPBackend.CUDNN_ATTENTION], "flash": [SDPBackend.FLASH_ATTENTION]}
+"""``--attention``: the SDPA backends the fast path's unmasked attention may use (default: PyTorch's choice)."""
+DENOISE_VARIANTS = {"compiled": (True, "default"), "compiled-cudnn": (True, "cudnn"),
+                    "compiled-flash": (True, "flash"), "plain": (False, "default")}
+"""``--variants`` of the denoise part: (compiled element-wise kernels, attention backend)."""
+PROMPT = "a red cube on a wooden table next to a glass of water, soft studio light, photorealistic"
+QUESTION = "What is in the image? Describe it in detail."
+
+# runtime.tiny's scales: matrices ~ N(0, 1/fan_in), biases ~ N(0, 0.02^2), norm scales ~ 1 + N(0, 0.1^2).
+_BIAS_STD = 0.02
+_NORM_STD = 0.1
+
+
+# --- Random full-size models ---------------------------------------------------------------------------------------
+
+
+def _random_value(name: str, shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    if name.endswith(".bias"):
+        return noise.mul_(_BIAS_STD)
+    if len(shape) == 1 or name.endswith(".gamma"):
+        return noise.mul_(_NORM_STD).add_(1.0)
+    return noise.mul_(1.0 / math.sqrt(math.prod(shape[1:])))
+
+
+def random_module(build: Callable[[], nn.Module], *, seed: int, dtype: torch.dtype,
+                  device: torch.device) -> nn.Module:
+    """Build a module with its parameters drawn on ``device`` from a generator seeded with ``seed``, in fp32 and then
+    cast: the same seed gives the same fp32 values in every process, whatever ``dtype``. Computed buffers (the
+    latent position table, the VAE latent statistics) are cast to ``dtype`` too."""
+    with parameters_on_meta():
+        module = build()
+    generator = torch.Generator(device).manual_seed(seed)
+    state = {name: _random_value(name, param.shape, generator, device).to(dtype)
+             for name, param in module.named_parameters()}
+    module.load_state_dict(state, strict=False, assign=True)
+    return module.to(device=device, dtype=dtype).requires_grad_(False).eval()
+
+
+@dataclass
+class BenchModels:
+    """Full-size Lance on random weights with its tokenizer and engine contracts."""
+
+    mot: LanceMoT
+    vit: Qwen25VisionTransformer
+    vae: WanVAE
+    tokenizer: Any
+    special: SpecialIds
+    specs: dict[str, EngineSpec]
+    dtype: torch.dtype
+    device: torch.device
+
+    def host(self) -> LanceHost:
+        return LanceHost(tokenizer=self.tokenizer, special=self.special, llm_config=self.mot.config,
+                         vision_config=self.vit.config,
+                         embed_weight=self.mot.language_model.model.embed_tokens.weight.detach(),
+                         pos_table=self.mot.latent_pos_embed.pos_embed.detach())
+
+
+def random_models(*, dtype: torch.dtype, device: torch.device | str = "cuda", seed: int = 0,
+                  attn_implementation: str = "sdpa", vae_dtype: torch.dtype | None = None,
+                  tiny: bool = False) -> BenchModels:
+    """Lance_3B-sized MoT, ViT and VAE with seeded random weights (seeds ``seed``, ``seed + 1``, ``seed + 2``);
+    ``tiny`` takes the `tiny()` configs instead (smoke runs on a CPU)."""
+    device = torch.device(device)
+    if tiny:
+        llm, vae_config = LanceLLMConfig.tiny(), WanVAEConfig.tiny()
+        vision = VisionConfig.tiny(out_hidden_size=llm.hidden_size)
+    else:
+        llm, vision, vae_config = LanceLLMConfig(), VisionConfig(), WanVAEConfig()
+    mot = random_module(lambda: LanceMoT(llm, attn_implementation), seed=seed, dtype=dtype, device=device)
+    vit = random_module(lambda: Qwen25VisionTransformer(vision, attn_implementation), seed=seed + 1, dtype=dtype,
+                        device=device)
+    vae = random_module(lambda: WanVAE(vae_config), seed=seed + 2, dtype=vae_dtype or dtype, device=device)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer, special = load_tokenizer(build_tokenizer_files(folder))
+    return BenchModels(mot, vit, vae, tokenizer, special, engine_specs(llm, vision, vae_config), dtype, device)
+
+
+# --- Engines -------------------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A `Runner` wrapper that keeps every call's feed and chosen outputs (detached clones, on their device)."""
+
+    def __init__(self, runner: Runner, keep: Sequence[str] = ()) -> None:
+        self.runner = runner
+        self.spec = runner.spec
+        self.keep = tuple(keep)
+        self.calls: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+
+    def infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        outputs = self.runner.infer(feed)
+        self.calls.append(({k: v.detach().clone() for k, v in feed.items()},
+                           {k: outputs[k].detach().clone() for k in self.keep}))
+        return outputs
+
+
+def reference_engines(models: BenchModels) -> Engines:
+    """The plain eager PyTorch engines: `LanceMoT.step` and the modules as `TorchRunner`s."""
+    specs = models.specs
+    return Engines(mot=TorchRunner(specs["mot"], MotGraph(models.mot)),
+                   vit=TorchRunner(specs["vit"], VitGraph(models.vit)),
+                   vae_encode=TorchRunner(specs["vae_encode"], VaeEncodeGraph(models.vae)),
+                   vae_decode=TorchRunner(specs["vae_decode"], VaeDecodeGraph(models.vae)))
+
+
+def fast_engines(models: BenchModels, mot: CudaMoT) -> Engines:
+    """The fast engines: `CudaMotRunner`, the ViT with fused attention graph-replayed, the VAE eager (its kernels
+    are long)."""
+    specs = models.specs
+    return Engines(mot=CudaMotRunner(specs["mot"], mot),
+                   vit=GraphRunner(specs["vit"], VitGraph(fused_attention_tower(models.vit))),
+                   vae_encode=TorchRunner(specs["vae_encode"], VaeEncodeGraph(models.vae)),
+                   vae_decode=TorchRunner(specs["vae_decode"], VaeDecodeGraph(models.vae)))
+
+
+def test_image(side: int = constants.VIT_RESOLUTION_IMAGE, seed: int = 0) -> bytes:
+    """A seeded random RGB PNG of ``side`` x ``side`` (x2t at 672 keeps its size: 48 x 48 patches)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --- Measurement ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One measurement: median milliseconds and, where known, the floor and work behind it."""
+
+    part: str
+    name: str
+    variant: str
+    ms: float
+    ms_min: float
+    floor_ms: float | None = None
+    tflops: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def of_floor(self) -> float | None:
+        return None if self.floor_ms is None else self.floor_ms / self.ms
+
+
+def cuda_times(fn: Callable[[], Any], *, warmup: int = 2, repeat: int = 10) -> list[float]:
+    """Milliseconds of ``fn`` per call, timed with CUDA events on the current stream after ``warmup`` calls (wall
+    clock without CUDA)."""
+    if not torch.cuda.is_available():
+        return wall_times(fn, warmup=warmup, repeat=repeat)
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def wall_times(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 3) -> list[float]:
+    """Wall-clock milliseconds of ``fn`` (device synchronised before and after)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        _synchronize()
+        start = time.perf_counter()
+        fn()
+        _synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def make_row(part: str, name: str, variant: str, times: Sequence[float], *, flops: float | None = None,
+             floor_ms: float | None = None, peak_tflops: float | None = None, **extra: Any) -> Row:
+    ms = statistics.median(times)
+    if flops is not None and peak_tflops:
+        floor_ms = flops / (peak_tflops * 1e9)
+    tflops = None if flops is None else flops / (ms * 1e9)
+    row = Row(part, name, variant, ms, min(times), floor_ms, tflops, dict(extra))
+    logger.info("%s %s [%s]: %.3f ms%s", part, name, variant, ms,
+                "" if row.of_floor is None else f" ({100 * row.of_floor:.0f}% of floor)")
+    return row
+
+
+@contextlib.contextmanager
+def peak_memory(extra: dict[str, Any]) -> Iterator[None]:
+    """Record the peak allocated and reserved GPU memory (GiB) of the block into ``extra``."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    yield
+    torch.cuda.synchronize()
+    extra["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    extra["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+
+
+# --- FLOP and byte counts ------------------------------------------------------------------------------------------
+
+
+def mot_forward_flops(config: LanceLLMConfig, und_rows: int, gen_rows: int, keys: Sequence[int],
+                      logits_rows: int) -> float:
+    """FLOPs of one MoT step: the projections of every row, attention of every query row over its keys
+    (``keys[b]`` per batch entry; the block's rows per entry are ``(und_rows + gen_rows) / len(keys)``), the lm_head
+    on ``logits_rows`` rows. Multiply-adds count 2."""
+    c = config
+    heads, kv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    per_row = 2 * c.num_hidden_layers * (c.hidden_size * (heads + 2 * kv) * hd + heads * hd * c.hidden_size
+                                         + 3 * c.hidden_size * c.intermediate_size)
+    queries = (und_rows + gen_rows) // len(keys)
+    attention = sum(4 * c.num_hidden_layers * heads * hd * queries * k for k in keys)
+    heads_flops = 2 * logits_rows * c.hidden_size * c.vocab_size + 2 * gen_rows * c.hidden_size * 2 * 48
+    return per_row * (und_rows + gen_rows) + attention + heads_flops
+
+
+def und_weight_bytes(mot: LanceMoT) -> int:
+    """Bytes one text decode step must read: the und expert of every layer, the final norm and the lm_head."""
+    total = 0
+    for name, param in mot.language_model.named_parameters():
+        if "_moe_gen" in name or "embed_tokens" in name:
+            continue
+        total += param.numel() * param.element_size()
+    return total
+
+
+def counted_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs of one call as `torch.utils.flop_counter` counts them (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+# --- Parts ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    models: BenchModels
+    args: argparse.Namespace
+    fast: CudaMoT
+    rows: list[Row] = field(default_factory=list)
+    peak_tflops: float | None = None
+    bandwidth_gbps: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def part_peak(ctx: Context) -> None:
+    device = ctx.models.device
+    n = 8192 if device.type == "cuda" else 512
+    generator = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=generator)
+    out = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    times = cuda_times(lambda: torch.mm(a, b, out=out), warmup=5, repeat=20)
+    ctx.peak_tflops = 2 * n**3 / (statistics.median(times) * 1e9)
+    ctx.rows.append(make_row("peak", f"bf16 matmul {n}^3", "cuBLAS", times, flops=2 * n**3,
+                             peak_tflops=ctx.peak_tflops))
+    size = 2**30 if device.type == "cuda" else 2**24
+    src = torch.empty(size, device=device, dtype=torch.uint8).random_(generator=generator)
+    dst = torch.empty_like(src)
+    times = cuda_times(lambda: dst.copy_(src), warmup=3, repeat=20)
+    ctx.bandwidth_gbps = 2 * src.numel() / (statistics.median(times) * 1e6)
+    ctx.rows.append(make_row("peak", f"device copy {size >> 20} MiB", "read+write", times,
+                             bandwidth_gbps=ctx.bandwidth_gbps))
+
+
+def part_sdpa(ctx: Context) -> None:
+    """The denoise attention at 1024 px: 4098 queries x 16 heads over 4098 + 70 keys x 2 heads."""
+    c, device = ctx.models.mot.config, ctx.models.device
+    generator = torch.Generator(device).manual_seed(1)
+    rows, keys = (4098, 4098 + 70) if device.type == "cuda" else (258, 258 + 70)
+    q = torch.randn(1, rows, c.num_attention_heads, c.head_dim, device=device, dtype=torch.bfloat16,
+                    generator=generator).transpose(1, 2)
+    k, v = (torch.randn(1, keys, c.num_key_value_heads, c.head_dim, device=device, dtype=torch.bfloat16,
+                        generator=generator).transpose(1, 2) for _ in range(2))
+    group = c.num_attention_heads // c.num_key_value_heads
+    flops = 4 * c.num_attention_heads * c.head_dim * rows * keys
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        for gqa in ("enable_gqa", "expanded"):
+            def call() -> torch.Tensor:
+                with sdpa_kernel([backend]):
+                    if gqa == "enable_gqa":
+                        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                    return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1),
+                                                          v.repeat_interleave(group, 1))
+            try:
+                times = cuda_times(call, warmup=3, repeat=20)
+            except RuntimeError as err:
+                ctx.rows.append(Row("sdpa", "attention 1024px", f"{backend.name} {gqa}", math.nan, math.nan,
+                                    extra={"error": str(err).splitlines()[0][:200]}))
+                continue
+            ctx.rows.append(make_row("sdpa", "attention 1024px", f"{backend.name} {gqa}", times, flops=flops,
+                                     peak_tflops=ctx.peak_tflops))
+    # Which kernels PyTorch picks on its own for the fast path's call.
+    if device.type == "cuda":
+        ctx.info["sdpa_default_kernels"] = kernel_profile(
+            lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), top=4)
+
+
+def _query_feeds(ctx: Context, side: int) -> dict[int, dict[str, torch.Tensor]]:
+    """The denoise query feed of a t2i request at ``side`` px, for 1 and 2 branches, recorded from the pipeline
+    (its prefill and one denoise call through the fast runner)."""
+    models = ctx.models
+    ctx.fast.set_compile(False)       # recording needs no compiled kernels (and must not depend on them)
+    recorder = Recorder(CudaMotRunner(models.specs["mot"], ctx.fast, graphs=False))
+    engines = Engines(mot=recorder, vit=None, vae_encode=None, vae_decode=_NoDecode(models.specs["vae_decode"]))
+    pipeline = LancePipeline(engines, models.host(), device=models.device, dtype=models.dtype)
+    pipeline.generate(GenerationRequest("t2i", PROMPT, height=side, width=side, steps=1, seed=0))
+    (feed, _), = [call for call in recorder.calls if call[0]["latents"].shape[1] > 0]
+    ctx.info[f"t2i_contexts {side}px"] = feed["past_len"].tolist()
+    return {2: feed, 1: first_branch(feed)}
+
+
+def first_branch(feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The cond branch of a batched ``mot`` feed (batch axis 1 of the past, 0 elsewhere)."""
+    unbatched = ("latent_pos", "causal")
+    return {name: t if name in unbatched else t.narrow(1 if name.startswith("past_") and t.dim() > 1 else 0, 0, 1)
+            for name, t in feed.items()}
+
+
+class _NoDecode:
+    """A ``vae_decode`` runner that returns a blank image (the query-recording runs skip the VAE)."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        self.spec = spec
+
+    def infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        latent = feed["latent"]
+        shape = (1, 3, 16 * latent.shape[-2], 16 * latent.shape[-1])
+        return {"image": torch.zeros(shape, device=latent.device)}
+
+
+def part_denoise(ctx: Context) -> None:
+    models, config = ctx.models, ctx.models.mot.config
+    profile_done = False
+    for side in ctx.args.sizes:
+        feeds = _query_feeds(ctx, side)
+        for batch, feed in sorted(feeds.items()):
+            lat = feed["latents"].shape[1]
+            past = feed["past_len"].tolist()
+            flops = mot_forward_flops(config, und_rows=2 * batch, gen_rows=lat * batch,
+                                      keys=[lat + 2 + p for p in past], logits_rows=batch)
+            name = f"denoise forward {side}px B={batch}"
+            for compile, attention in (DENOISE_VARIANTS[v] for v in ctx.args.variants):
+                ctx.fast.set_compile(compile)
+                ctx.fast.sdpa_backends = SDPA_CHOICES[attention]
+                variant = "fast" + (" compiled" if compile else "") + ("" if attention == "default" else
+                                                                       f" {attention}-attn")
+                runner = CudaMotRunner(models.specs["mot"], ctx.fast)
+                try:
+                    times = cuda_times(lambda: runner.infer(feed), warmup=3, repeat=ctx.args.repeat)
+                except RuntimeError as err:
+                    ctx.rows.append(Row("denoise", name, variant, math.nan, math.nan,
+                                        extra={"error": str(err).splitlines()[0][:200]}))
+                    continue
+                ctx.rows.append(make_row("denoise", name, variant + " (runner.infer)", times, flops=flops,
+                                         peak_tflops=ctx.peak_tflops, rows=lat + 2, past=past))
+                for graph in runner.captured_graphs():
+                    times = cuda_times(graph.replay, warmup=2, repeat=ctx.args.repeat)
+                    ctx.rows.append(make_row("denoise", name, variant + " (graph replay)", times, flops=flops,
+                                             peak_tflops=ctx.peak_tflops))
+                if attention == "default" and side == max(ctx.args.sizes) and batch == 1:
+                    eager = CudaMotRunner(models.specs["mot"], ctx.fast, graphs=False)
+                    times = cuda_times(lambda: eager.infer(feed), warmup=2, repeat=ctx.args.repeat)
+                    ctx.rows.append(make_row("denoise", name, variant + " (no graph)", times, flops=flops,
+                                             peak_tflops=ctx.peak_tflops))
+                    if compile and not profile_done and models.device.type == "cuda":
+                        ctx.info[f"profile {name}"] = kernel_profile(lambda: eager.infer(feed), top=20)
+                        profile_done = True
+                runner.clear()
+            reference = TorchRunner(models.specs["mot"], MotGraph(models.mot))
+            times = cuda_times(lambda: reference.infer(feed), warmup=1, repeat=max(3, ctx.args.repeat // 3))
+            ctx.rows.append(make_row("denoise", name, "reference eager", times, flops=flops,
+                                     peak_tflops=ctx.peak_tflops))
+            torch.cuda.empty_cache()
+    ctx.fast.set_compile(ctx.args.compile)
+    ctx.fast.sdpa_backends = SDPA_CHOICES[ctx.args.attention]
+
+
+def kernel_profile(fn: Callable[[], Any], top: int = 14) -> list[dict[str, Any]]:
+    """The CUDA kernels of one call of ``fn`` (after a warm-up), grouped by name: the top ``top`` by time."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [(e.key, e.count, _device_us(e)) for e in prof.key_averages()]
+    events = sorted((e for e in events if e[2] > 0), key=lambda e: e[2], reverse=True)
+    total = sum(us for _, _, us in events) or 1.0
+    rows = [{"kernel": key[:120], "calls": count, "ms": us / 1e3, "share": us / total} for key, count, us in
+            events[:top]]
+    rows.append({"kernel": "(all kernels)", "calls": sum(c for _, c, _ in events), "ms": total / 1e3, "share": 1.0})
+    return rows
+
+
+def _device_us(event: Any) -> float:
+    """Device microseconds of a profiler average (``device_time_total``; ``cuda_time_total`` before torch 2.4)."""
+    for name in ("self_device_time_total", "device_time_total", "self_cuda_time_total", "cuda_time_total"):
+        value = getattr(event, name, None)
+        if value:
+            return float(value)
+    return 0.0
+
+
+def part_vit(ctx: Context) -> None:
+    models = ctx.models
+    side = constants.VIT_RESOLUTION_IMAGE
+    grid = (1, side // 14, side // 14)
+    inputs = vision_inputs(grid, models.vit.config)
+    generator = torch.Generator(models.device).manual_seed(2)
+    feed = {name: t.to(models.device) for name, t in inputs.engine_inputs().items()}
+    feed["patches"] = torch.randn(inputs.num_patches, models.vit.config.patch_dim, device=models.device,
+                                  generator=generator)
+    module, fused = VitGraph(models.vit), VitGraph(fused_attention_tower(models.vit))
+    flops = counted_flops(lambda: module(**feed))
+    name = f"ViT {side}x{side} ({inputs.num_patches} patches)"
+    spec = models.specs["vit"]
+    for variant, runner in (("module sdpa, eager", TorchRunner(spec, module)),
+                            ("fused attention, eager", TorchRunner(spec, fused)),
+                            ("fused attention, graph", GraphRunner(spec, fused))):
+        times = cuda_times(lambda: runner.infer(feed), warmup=3, repeat=ctx.args.repeat)
+        ctx.rows.append(make_row("vit", name, variant, times, flops=flops, peak_tflops=ctx.peak_tflops))
+    if models.device.type == "cuda":
+        ctx.info[f"profile {name}"] = kernel_profile(lambda: fused(**feed), top=10)
+
+
+def part_vae(ctx: Context) -> None:
+    models = ctx.models
+    generator = torch.Generator(models.device).manual_seed(3)
+    for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True)):
+        vae = models.vae if models.vae.conv1.weight.dtype == dtype else \
+            random_module(lambda: WanVAE(models.vae.config), seed=ctx.args.seed + 2, dtype=dtype,
+                          device=models.device)
+        torch.backends.cudnn.allow_tf32 = tf32
+        for side in ctx.args.sizes:
+            latent = torch.randn(1, 48, side // 16, side // 16, device=models.device, generator=generator)
+            for channels_last in (False, True):
+                z = latent.to(dtype)
+                if channels_last:
+                    z = z.contiguous(memory_format=torch.channels_last)
+
+                def decode() -> torch.Tensor:
+                    return vae.decode_image(z)
+                flops = counted_flops(decode)
+                extra: dict[str, Any] = {}
+                with peak_memory(extra):
+                    times = cuda_times(decode, warmup=2, repeat=max(3, ctx.args.repeat // 2))
+                variant = (f"{str(dtype).removeprefix('torch.')}{' tf32' if tf32 else ''} "
+                           f"{'channels_last' if channels_last else 'NCHW'}")
+                ctx.rows.append(make_row("vae", f"VAE decode {side}px", variant, times, flops=flops,
+                                         peak_tflops=ctx.peak_tflops, **extra))
+        torch.backends.cudnn.allow_tf32 = False
+        if vae is not models.vae:
+            del vae
+            torch.cuda.empty_cache()
+
+
+def part_text(ctx: Context) -> None:
+    """Prefill calls recorded from a t2i and an x2t request, then AR decode through the runner."""
+    models, config = ctx.models, ctx.models.mot.config
+    recorder = Recorder(CudaMotRunner(models.specs["mot"], ctx.fast, graphs=False))
+    engines = Engines(mot=recorder, vit=GraphRunner(models.specs["vit"], VitGraph(models.vit)), vae_encode=None,
+                      vae_decode=None)
+    pipeline = LancePipeline(engines, models.host(), device=models.device, dtype=models.dtype)
+    pipeline.generate(GenerationRequest("x2t", QUESTION, image=test_image(), max_new_tokens=2))
+    prefill = [feed for feed, _ in recorder.calls if feed["und_head"].shape[1] > 1]
+    runner = CudaMotRunner(models.specs["mot"], ctx.fast)
+    for feed in prefill:
+        rows, past = feed["und_head"].shape[1], int(feed["past_len"][0])
+        flops = mot_forward_flops(config, und_rows=rows, gen_rows=0, keys=[rows + past], logits_rows=1)
+        kind = "ViT block" if rows > 100 else "text"
+        times = cuda_times(lambda: runner.infer(feed), warmup=2, repeat=ctx.args.repeat)
+        ctx.rows.append(make_row("text", f"prefill {kind} {rows} rows (past {past})", "fast graph", times,
+                                 flops=flops, peak_tflops=ctx.peak_tflops))
+    # AR decode: one row against a context of the x2t size, the cache growing by one row per token.
+    context = sum(feed["und_head"].shape[1] for feed in prefill)
+    decode_feed = dict(recorder.calls[-1][0])
+    kv_shape = (config.num_hidden_layers, 1, context + ctx.args.tokens, config.num_key_value_heads, config.head_dim)
+    generator = torch.Generator(models.device).manual_seed(4)
+    past_key = torch.randn(kv_shape, device=models.device, generator=generator).to(models.dtype)
+    past_value = torch.randn(kv_shape, device=models.device, generator=generator).to(models.dtype)
+    step = {"n": 0}
+
+    def decode_one() -> None:
+        n = context + step["n"] % ctx.args.tokens
+        runner.infer({**decode_feed, "past_key": past_key[:, :, :n], "past_value": past_value[:, :, :n],
+                      "past_len": torch.full((1,), n, device=models.device)})
+        step["n"] += 1
+    times = cuda_times(decode_one, warmup=3, repeat=ctx.args.tokens)
+    floor_bytes = und_weight_bytes(models.mot) + 2 * kv_shape[0] * context * kv_shape[3] * kv_shape[4] * 2
+    floor_ms = floor_bytes / (ctx.bandwidth_gbps * 1e6) if ctx.bandwidth_gbps else None
+    name = f"AR decode (context {context})"
+    ctx.rows.append(make_row("text", name, "fast (runner.infer)", times, floor_ms=floor_ms,
+                             tokens_per_s=1e3 / statistics.median(times), bytes=floor_bytes))
+    for graph in runner.captured_graphs()[-1:]:
+        times = cuda_times(graph.replay, warmup=2, repeat=ctx.args.tokens)
+        ctx.rows.append(make_row("text", name, "fast (graph replay)", times, floor_ms=floor_ms,
+                                 tokens_per_s=1e3 / statistics.median(times)))
+    if models.device.type == "cuda":
+        eager = CudaMotRunner(models.specs["mot"], ctx.fast, graphs=False)
+        n = context + 1
+        feed = {**decode_feed, "past_key": past_key[:, :, :n], "past_value": past_value[:, :, :n],
+                "past_len": torch.full((1,), n, device=models.device)}
+        ctx.info[f"profile {name}"] = kernel_profile(lambda: eager.infer(feed), top=16)
+
+
+def part_e2e(ctx: Context) -> None:
+    models = ctx.models
+    host = models.host()
+    requests = [(f"t2i {side}x{side} 30 steps CFG 4.0",
+                 GenerationRequest("t2i", PROMPT, height=side, width=side, steps=constants.DEFAULT_STEPS,
+                                   cfg_scale=constants.DEFAULT_CFG_SCALE, seed=0))
+                for side in ctx.args.e2e_sizes]
+    requests.append(("x2t 672x672, 64 tokens", GenerationRequest("x2t", QUESTION, image=test_image(),
+                                                                  max_new_tokens=64)))
+    config = models.mot.config
+    for variant in ("reference eager", "fast"):
+        engines = reference_engines(models) if variant == "reference eager" else fast_engines(models, ctx.fast)
+        pipeline = LancePipeline(engines, host, device=models.device, dtype=models.dtype)
+        for name, request in requests:
+            if variant == "reference eager" and request.task == "x2t" and not ctx.args.reference_x2t:
+                continue
+            results = []
+            extra: dict[str, Any] = {}
+            with peak_memory(extra):
+                times = wall_times(lambda: results.append(pipeline.generate(request)),
+                                   warmup=1, repeat=ctx.args.e2e_repeat)
+            timings = results[-1].timings
+            extra["stages_s"] = {k: round(v, 4) for k, v in timings.items()}
+            floor_ms = None
+            if request.task == "t2i":
+                floor_ms = _t2i_floor_ms(ctx, config, request)
+            else:
+                tokens = len(results[-1].token_ids or [])
+                extra["tokens"] = tokens
+                extra["decode_tokens_per_s"] = tokens / timings["decode_text"] if timings.get("decode_text") else None
+            ctx.rows.append(make_row("e2e", name, variant, times, floor_ms=floor_ms, **extra))
+        for runner in (engines.mot, engines.vit):
+            if isinstance(runner, (CudaMotRunner, GraphRunner)):
+                runner.clear()
+        torch.cuda.empty_cache()
+
+
+def _t2i_floor_ms(ctx: Context, config: LanceLLMConfig, request: GenerationRequest) -> float | None:
+    """The compute floor of a t2i request: its denoise forwards (56 for 30 steps with CFG above t = 0.4) at the
+    measured peak, over the prompt's real context lengths; prefill and VAE excluded."""
+    from runtime.scheduler import cfg_active, make_schedule
+
+    from runtime.sequence import cfg_text_plan, plan_t2i
+
+    if not ctx.peak_tflops:
+        return None
+    lat_h, lat_w = request.height // 16, request.width // 16
+    lat = lat_h * lat_w
+    schedule = make_schedule(request.steps, constants.DEFAULT_TIMESTEP_SHIFT)
+    plan = plan_t2i(ctx.models.tokenizer, request.prompt, lat_h, lat_w)
+    contexts = (plan.context_length, cfg_text_plan(plan).context_length)
+    flops = 0.0
+    for step in range(schedule.steps):
+        batch = 2 if cfg_active(schedule.timesteps[step], constants.CFG_INTERVAL) else 1
+        flops += mot_forward_flops(config, und_rows=2 * batch, gen_rows=lat * batch,
+                                   keys=[lat + 2 + c for c in contexts[:batch]], logits_rows=batch)
+    return flops / (ctx.peak_tflops * 1e9)
+
+
+PART_FUNCTIONS = {"peak": part_peak, "sdpa": part_sdpa, "denoise": part_denoise, "vit": part_vit,
+                  "vae": part_vae, "text": part_text, "e2e": part_e2e}
+
+
+# --- Report --------------------------------------------------------------------------------------------------------
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    lines = [f"{'part':<8} {'measurement':<44} {'variant':<26} {'median ms':>10} {'floor ms':>9} {'of floor':>8} "
+             f"{'TFLOP/s':>8}  notes"]
+    for r in rows:
+        floor = "" if r.floor_ms is None else f"{r.floor_ms:9.2f}"
+        share = "" if r.of_floor is None else f"{100 * r.of_floor:7.0f}%"
+        tflops = "" if r.tflops is None else f"{r.tflops:8.0f}"
+        notes = ", ".join(f"{k}={_short(v)}" for k, v in r.extra.items() if k not in ("stages_s", "bytes"))
+        lines.append(f"{r.part:<8} {r.name:<44} {r.variant:<26} {r.ms:10.2f} {floor:>9} {share:>8} {tflops:>8}  "
+                     f"{notes}")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "numpy": np.__version__, "python": sys.version.split()[0],
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if device.type != "cuda":
+        return {"gpu": f"none ({device})", **info}
+    props = torch.cuda.get_device_properties(device)
+    return {"gpu": torch.cuda.get_device_name(device), "multiprocessors": props.multi_processor_count,
+            "memory_gib": props.total_memory / 2**30, **info}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lance-trt bench gpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[512, 768, 1024], help="square image sides (px)")
+    parser.add_argument("--e2e-sizes", nargs="*", type=int, default=[768, 1024], help="t2i sides of the e2e part")
+    parser.add_argument("--repeat", type=int, default=10, help="timed repeats per component")
+    parser.add_argument("--e2e-repeat", type=int, default=2, help="timed requests per end-to-end row")
+    parser.add_argument("--tokens", type=int, default=128, help="AR decode steps timed")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="fast path without torch.compile'd element-wise kernels")
+    parser.add_argument("--vae-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="VAE precision of the end-to-end rows (the one that passes gpu_check's gate)")
+    parser.add_argument("--reference-x2t", action="store_true", help="also time x2t with the eager engines")
+    parser.add_argument("--variants", nargs="+", choices=sorted(DENOISE_VARIANTS), default=["compiled", "plain"],
+                        help="fast-path variants the denoise part times")
+    parser.add_argument("--attention", choices=sorted(SDPA_CHOICES), default="default",
+                        help="SDPA backend of the fast path outside the variants the denoise part compares")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="JSON results file")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs (a smoke run of the script, CPU allowed)")
+    parser.add_argument("--device", default="cuda")
+    return parser
+
+
+def bench_gpu_main(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(list(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("lance-trt bench gpu: no CUDA device (--tiny --device cpu runs a smoke test)", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    start = time.perf_counter()
+    models = random_models(dtype=torch.bfloat16, device=device, seed=args.seed,
+                           vae_dtype=getattr(torch, args.vae_dtype), tiny=args.tiny)
+    ctx = Context(models, args, CudaMoT(models.mot, compile=args.compile and device.type == "cuda",
+                                        sdpa_backends=SDPA_CHOICES[args.attention]))
+    ctx.info["environment"] = _environment(device)
+    ctx.info["weights_gib"] = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None
+    logger.info("models built in %.1f s (%.1f GiB)", time.perf_counter() - start, ctx.info["weights_gib"])
+    parts = [p for p in PARTS if p in args.parts]
+    if "peak" not in parts:
+        parts.insert(0, "peak")          # every ratio needs the measured ceilings
+    failures = {}
+    with torch.inference_mode():
+        for part in parts:
+            part_start = time.perf_counter()
+            try:
+                PART_FUNCTIONS[part](ctx)
+            except Exception as err:   # one part's failure must not lose the others' numbers
+                logger.exception("part %s failed", part)
+                failures[part] = f"{type(err).__name__}: {err}"
+            ctx.info[f"seconds {part}"] = round(time.perf_counter() - part_start, 1)
+    result = {"environment": ctx.info.pop("environment"), "peak_tflops": ctx.peak_tflops,
+              "bandwidth_gbps": ctx.bandwidth_gbps, "rows": [vars(r) | {"of_floor": r.of_floor} for r in ctx.rows],
+              "info": ctx.info, "failures": failures, "argv": list(argv)}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(f"GPU: {result['environment']['gpu']}, torch {torch.__version__}, measured bf16 peak "
+          f"{ctx.peak_tflops or float('nan'):.0f} TFLOP/s, copy {ctx.bandwidth_gbps or float('nan'):.0f} GB/s")
+    print(format_table(ctx.rows))
+    for part, message in failures.items():
+        print(f"FAILED {part}: {message}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(bench_gpu_main(sys.argv[1:]))

@@ -1,0 +1,301 @@
+"""runtime/engines/cuda.py against `LanceMoT.step`: the fused projections, the block-first K/V workspace, the
+per-branch unmasked attention and the masked decode layout compute the reference step, in fp32 on CPU.
+
+Every call kind of the pipeline is covered (CFG denoise query with unequal past lengths, text prefill, ViT block,
+decode with a stale cache tail, a latent-only block, a causal block that mixes experts), on a tiny model with random
+weights at unit gain where the und and gen experts differ; the fused-attention vision tower against the tower, and
+the benchmark script on tiny configs. The CUDA-only parts (graph capture and replay, compiled kernels, the Triton
+SwiGLU kernel) have tests that skip without CUDA; `runtime.gpu_check` checks the full-size model on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from runtime.contract import engine_specs
+from runtime.engines import EngineError
+from runtime.engines.cuda import (
+    CudaMoT,
+    CudaMotRunner,
+    GraphRunner,
+    StepLayout,
+    add_rms_norm,
+    layout_of,
+    qk_norm_rope_,
+    rms_norm,
+    silu_mul,
+)
+from runtime.models.mot import LanceLLMConfig, LanceMoT, apply_rotary, mrope_cos_sin
+from runtime.models.vae import WanVAEConfig
+from runtime.models.vit import VisionConfig
+from tests.parity import compare
+
+Z = 48
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+def random_model(config: LanceLLMConfig, seed: int) -> LanceMoT:
+    """Unit-gain random weights (norm scales around 1, small biases); the two experts differ."""
+    model = LanceMoT(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            elif "embed_tokens" in name:
+                p.copy_(noise)
+            else:
+                p.copy_(noise / math.sqrt(p.shape[-1]))
+    return model
+
+
+def feed(config: LanceLLMConfig, *, batch: int, head: int, latent: int, tail: int, past_rows: int,
+         past_len: list[int], causal: bool, seed: int) -> dict[str, torch.Tensor]:
+    """A contract feed with random rows, random positions and a past buffer full of random values."""
+    g = torch.Generator().manual_seed(seed)
+    d, rows = config.hidden_size, head + latent + tail
+    positions = torch.randint(0, 500, (batch, 3, rows), generator=g)
+    cos, sin = mrope_cos_sin(positions, config.head_dim, config.rope_theta, config.mrope_section)
+    kv_shape = (config.num_hidden_layers, batch, past_rows, config.num_key_value_heads, config.head_dim)
+    return {
+        "und_head": torch.randn(batch, head, d, generator=g),
+        "latents": torch.randn(batch, latent, Z, generator=g),
+        "timestep": torch.rand(batch, generator=g),
+        "latent_pos": torch.randn(latent, d, generator=g),
+        "und_tail": torch.randn(batch, tail, d, generator=g),
+        "cos": cos,
+        "sin": sin,
+        "past_key": 3 * torch.randn(kv_shape, generator=g),
+        "past_value": 3 * torch.randn(kv_shape, generator=g),
+        "past_len": torch.tensor(past_len, dtype=torch.int64),
+        "causal": torch.tensor(causal),
+    }
+
+
+def check(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
+    """`compare`, or for an empty output (no latent rows) equal shapes and dtypes."""
+    if ref.numel() == 0:
+        assert ours.shape == ref.shape and ours.dtype == ref.dtype, f"{name}: {ours.shape} != {ref.shape}"
+        return
+    compare(name, ours, ref, tol=tol)
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[LanceMoT, LanceMoT, CudaMotRunner]:
+    """The reference model, an identical copy whose weights the fast path re-packs, and the runner over it."""
+    config = LanceLLMConfig.tiny()
+    reference = random_model(config, seed=0)
+    fused = random_model(config, seed=0)
+    spec = engine_specs(config, VisionConfig.tiny(out_hidden_size=config.hidden_size), WanVAEConfig.tiny())["mot"]
+    return reference, fused, CudaMotRunner(spec, CudaMoT(fused))
+
+
+CASES = {
+    # CFG denoise query: <vs> + latents + <ve>, both branches, unequal contexts (cond 7, cfg_text 4 of P = 7).
+    "denoise_cfg": dict(batch=2, head=1, latent=12, tail=1, past_rows=7, past_len=[7, 4], causal=False),
+    "denoise_equal_past": dict(batch=2, head=1, latent=9, tail=1, past_rows=6, past_len=[6, 6], causal=False),
+    "denoise_single": dict(batch=1, head=1, latent=16, tail=1, past_rows=5, past_len=[5], causal=False),
+    "text_prefill_first": dict(batch=1, head=6, latent=0, tail=0, past_rows=0, past_len=[0], causal=True),
+    "text_prefill": dict(batch=1, head=5, latent=0, tail=0, past_rows=8, past_len=[6], causal=True),
+    "vit_block": dict(batch=1, head=7, latent=0, tail=0, past_rows=4, past_len=[4], causal=False),
+    # Decode: one text row; the past buffer has rows past the valid length (masked layout).
+    "decode": dict(batch=1, head=1, latent=0, tail=0, past_rows=11, past_len=[9], causal=True),
+    "decode_two_branches": dict(batch=2, head=1, latent=0, tail=0, past_rows=10, past_len=[10, 3], causal=True),
+    "latent_only": dict(batch=1, head=0, latent=6, tail=0, past_rows=3, past_len=[3], causal=False),
+    "causal_mixed": dict(batch=2, head=2, latent=3, tail=1, past_rows=4, past_len=[2, 4], causal=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_runner_matches_reference_step(models, case: str) -> None:
+    reference, fused, runner = models
+    inputs = feed(reference.config, seed=sorted(CASES).index(case), **CASES[case])
+    names = [t.name for t in runner.spec.inputs]
+    with torch.no_grad():
+        expected = reference.step(*(inputs[name] for name in names))
+        again = fused.step(*(inputs[name] for name in names))
+    ours = runner.infer(inputs)
+    for name, ref, same, out in zip(runner.spec.output_names, expected, again, ours.values()):
+        assert torch.equal(ref, same), f"{name}: re-packing changed the model's own step"
+        check(f"{case} {name}", out, ref)
+
+
+def test_layout_reads_host_structure(models) -> None:
+    config = models[0].config
+    denoise = layout_of(feed(config, seed=0, **CASES["denoise_cfg"]))
+    assert denoise == StepLayout(2, 1, 12, 1, 7, (7, 4), causal=False)
+    assert (denoise.und, denoise.block, denoise.capacity, denoise.needs_mask) == (2, 14, 7, False)
+    decode = layout_of(feed(config, seed=0, **CASES["decode"]))
+    assert decode.masked and decode.needs_mask and not decode.causal
+    assert decode.capacity == 255 and (decode.block + decode.capacity) % 256 == 0     # aligned key count
+    # Decode steps share one graph key up to the capacity; exact layouts key on every past length.
+    longer = layout_of(feed(config, seed=0, **{**CASES["decode"], "past_rows": 200, "past_len": [150]}))
+    assert longer.graph_key == decode.graph_key
+    other = layout_of(feed(config, seed=0, **{**CASES["denoise_cfg"], "past_len": [7, 5]}))
+    assert other.graph_key != denoise.graph_key
+    with pytest.raises(EngineError, match="past_len"):
+        layout_of(feed(config, seed=0, **{**CASES["denoise_cfg"], "past_len": [8, 4]}))
+
+
+def test_fusion_aliases_the_model_weights(models) -> None:
+    """The model's q/k/v and gate/up parameters become views of the fused matrices: nothing is held twice."""
+    _, fused, runner = models
+    layer, expert = fused.language_model.model.layers[1], runner.model.layers[1][1]
+    attn = layer.self_attn
+    q_rows = attn.q_proj_moe_gen.out_features
+    assert attn.q_proj_moe_gen.weight.data_ptr() == expert.qkv_weight.data_ptr()
+    assert attn.k_proj_moe_gen.weight.data_ptr() == expert.qkv_weight[q_rows].data_ptr()
+    assert attn.v_proj_moe_gen.bias.data_ptr() == expert.qkv_bias[-attn.v_proj_moe_gen.out_features].data_ptr()
+    assert layer.mlp_moe_gen.up_proj.weight.data_ptr() == expert.gate_up_weight[
+        layer.mlp_moe_gen.gate_proj.out_features].data_ptr()
+    und = runner.model.layers[1][0]
+    assert not torch.equal(und.qkv_weight, expert.qkv_weight)
+    assert layer.self_attn.q_proj.weight.data_ptr() == und.qkv_weight.data_ptr()
+
+
+def test_element_wise_chains_by_formula() -> None:
+    g = torch.Generator().manual_seed(5)
+    x, delta, w = torch.randn(4, 7, 32, generator=g), torch.randn(4, 7, 32, generator=g), torch.randn(32, generator=g)
+    expected = w * (x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6))
+    compare("rms_norm", rms_norm(x, w, 1e-6), expected, tol=1e-6)
+    h, normed = add_rms_norm(x, delta, w, 1e-6)
+    assert torch.equal(h, x + delta)
+    compare("add_rms_norm", normed, rms_norm(x + delta, w, 1e-6), tol=0)
+    gate_up = torch.randn(5, 2 * 6, generator=g)
+    compare("silu_mul", silu_mul(gate_up), gate_up[:, :6] * torch.sigmoid(gate_up[:, :6]) * gate_up[:, 6:], tol=1e-6)
+
+    heads, kv_heads, hd = 4, 2, 8
+    qkv = torch.randn(2, 3, (heads + 2 * kv_heads) * hd, generator=g)
+    cos, sin = torch.randn(2, 3, hd, generator=g), torch.randn(2, 3, hd, generator=g)
+    wq, wk = torch.randn(hd, generator=g), torch.randn(hd, generator=g)
+    q_out = torch.full((2, 3, heads, hd), float("nan"))
+    # Outputs are written through strided views, as into the K/V workspace.
+    k_buf, v_buf = torch.full((2, 5, kv_heads, hd), float("nan")), torch.full((2, 5, kv_heads, hd), float("nan"))
+    qk_norm_rope_(qkv, cos, sin, wq, wk, 1e-6, q_out, k_buf[:, 1:4], v_buf[:, 1:4])
+    q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
+    q_ref, k_ref = apply_rotary(rms_norm(q.reshape(2, 3, heads, hd), wq, 1e-6),
+                                rms_norm(k.reshape(2, 3, kv_heads, hd), wk, 1e-6), cos, sin)
+    compare("qk_norm_rope q", q_out, q_ref, tol=1e-6)
+    compare("qk_norm_rope k", k_buf[:, 1:4], k_ref, tol=1e-6)
+    assert torch.equal(v_buf[:, 1:4], v.reshape(2, 3, kv_heads, hd))
+    assert torch.isnan(k_buf[:, 0]).all() and torch.isnan(v_buf[:, 4]).all()
+
+
+def test_without_qk_norm(models) -> None:
+    """A model without q/k-norm (plain Qwen2.5-VL) takes the same path with the norms left out."""
+    config = replace(LanceLLMConfig.tiny(), qk_norm=False)
+    reference, fused = random_model(config, seed=4), random_model(config, seed=4)
+    runner = CudaMotRunner(models[2].spec, CudaMoT(fused))
+    inputs = feed(config, seed=9, **CASES["denoise_cfg"])
+    with torch.no_grad():
+        expected = reference.step(*(inputs[t.name] for t in runner.spec.inputs))
+    for name, ref, out in zip(runner.spec.output_names, expected, runner.infer(inputs).values()):
+        check(f"no qk-norm {name}", out, ref)
+
+
+def test_bad_feed_is_refused(models) -> None:
+    runner = models[2]
+    inputs = feed(runner.model.config, seed=0, **CASES["vit_block"])
+    del inputs["causal"]
+    with pytest.raises(EngineError, match="causal"):
+        runner.infer(inputs)
+
+
+def test_fused_attention_tower_matches_the_module() -> None:
+    """The ViT with 4-D SDPA attention computes the tower's function on the same (shared) weights."""
+    from runtime.engines.cuda import fused_attention_tower
+    from runtime.models.vit import Qwen25VisionTransformer, vision_inputs
+
+    config = VisionConfig.tiny(out_hidden_size=64)
+    vit = Qwen25VisionTransformer(config).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in vit.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if p.dim() == 1 and "norm" in name else
+                    torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+    tower = fused_attention_tower(vit)
+    assert tower.blocks[0].attn.qkv.weight.data_ptr() == vit.blocks[0].attn.qkv.weight.data_ptr()
+    assert vit.blocks[0].attn.attention is not tower.blocks[0].attn.attention
+    inputs = vision_inputs((1, 8, 12), config).engine_inputs()
+    patches = torch.randn(96, config.patch_dim, generator=g)
+    with torch.no_grad():
+        compare("fused attention tower", tower(patches, **inputs), vit(patches, **inputs), tol=1e-5)
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("compile", [False, True])
+def test_graph_replay_matches_eager_on_cuda(compile: bool) -> None:
+    """Eager first call, warm-up + capture on the second, replays after: fp32 on the GPU (TF32 off)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = LanceLLMConfig.tiny()
+    reference = random_model(config, seed=1).cuda()
+    fused = random_model(config, seed=1).cuda()
+    spec = engine_specs(config, VisionConfig.tiny(out_hidden_size=config.hidden_size), WanVAEConfig.tiny())["mot"]
+    runner = CudaMotRunner(spec, CudaMoT(fused, compile=compile))
+    names = [t.name for t in spec.inputs]
+    for case in ("denoise_cfg", "decode"):
+        for step in range(4):
+            inputs = {k: v.cuda() for k, v in feed(config, seed=20 + step, **CASES[case]).items()}
+            with torch.no_grad():
+                expected = reference.step(*(inputs[name] for name in names))
+            for name, ref, out in zip(spec.output_names, expected, runner.infer(inputs).values()):
+                check(f"{case} graph step {step} {name}", out, ref, tol=1e-4)
+    assert runner.num_graphs == 2
+
+
+@NEEDS_CUDA
+def test_graph_runner_replays_module_on_cuda() -> None:
+    from runtime.contract import DType, EngineSpec, Profile, TensorSpec
+
+    spec = EngineSpec("lin", (TensorSpec("x", DType.FP32, ("N", 8), "in"),),
+                      (TensorSpec("y", DType.FP32, ("N", 4), "out"),), (Profile("p", {"N": (1, 2, 4)}),))
+
+    class Lin(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    module = Lin().cuda()
+    runner = GraphRunner(spec, module)
+    for seed in range(3):
+        x = torch.randn(2, 8, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        compare(f"graph runner {seed}", runner.infer({"x": x})["y"], module(x).detach(), tol=1e-6)
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("rows", [1, 5, 300])
+def test_triton_silu_mul_on_cuda(rows: int) -> None:
+    from runtime.engines.cuda import silu_mul_triton
+
+    gate_up = torch.randn(rows, 2 * 2500, device="cuda", generator=torch.Generator("cuda").manual_seed(rows))
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        x = gate_up.to(dtype)
+        out = silu_mul_triton(x)
+        assert out.dtype == dtype and out.shape == (rows, 2500)
+        compare(f"triton silu_mul {dtype} rows={rows}", out.float(), silu_mul(x).float(), tol=tol)
+
+
+def test_benchmark_script_runs_tiny_on_cpu(tmp_path) -> None:
+    """`lance-trt bench gpu` end to end on the tiny configs (its GPU numbers are in docs/benchmarks.md)."""
+    import json
+
+    from runtime.bench_gpu import bench_gpu_main
+
+    out = tmp_path / "bench.json"
+    assert bench_gpu_main(["--tiny", "--device", "cpu", "--parts", "denoise", "--sizes", "256", "--repeat", "1",
+                           "--variants", "plain", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert not result["failures"]
+    rows = {(r["name"], r["variant"]) for r in result["rows"]}
+    assert ("denoise forward 256px B=2", "fast (runner.infer)") in rows
+    assert ("denoise forward 256px B=1", "reference eager") in rows
