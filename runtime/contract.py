@@ -258,7 +258,8 @@ class Profile:
     def __post_init__(self) -> None:
         for dim, (lo, opt, hi) in self.dims.items():
             if not 0 <= lo <= opt <= hi:
-                raise ValueError(f"profile {self.name!r}: dimension {dim} needs 0 <= min <= opt <= max, got {lo, opt, hi}")
+                raise ValueError(f"profile {self.name!r}: dimension {dim} needs 0 <= min <= opt <= max, "
+                                 f"got {lo, opt, hi}")
 
     def point(self, which: int) -> dict[str, int]:
         """Every dimension at its min (0), opt (1) or max (2)."""

@@ -149,6 +149,7 @@ def engines_for(
     specs: Mapping[str, EngineSpec] | None = None,
     precision: str = "fp32",
     threads: int | None = None,
+    device: torch.device | str = "cuda",
 ) -> Engines:
     """The four runners of one backend, so a pipeline is built with ``--runner torch|onnxruntime|tensorrt`` without
     branching.
@@ -161,6 +162,7 @@ def engines_for(
             configs, the other backends need it (the host side knows the configs from the checkpoint).
         precision: ``"fp32"`` or ``"bf16"`` (engine folders); ONNX Runtime runs fp32 only.
         threads: ONNX Runtime intra-op threads (None: its default).
+        device: the CUDA device of the TensorRT runners (the torch runner uses the models' device).
     Raises:
         ValueError: an unknown runner, a source of the wrong kind, missing ``specs``, bf16 with ONNX Runtime.
     """
@@ -186,7 +188,10 @@ def engines_for(
             raise ValueError("ONNX Runtime's CPU provider has no bf16 arithmetic: use the fp32 graphs")
         runners = {name: OrtRunner(specs[name], folder / f"{name}.onnx", threads=threads) for name in ENGINES}
     else:
-        from runtime.engines.trt import TrtRunner
+        from runtime.engines.trt import DeviceScratch, TrtRunner, import_tensorrt
 
-        runners = {name: TrtRunner(specs[name], folder / f"{name}.plan") for name in ENGINES}
+        import_tensorrt()                   # without TensorRT, say so before touching the device
+        scratch = DeviceScratch(device)     # the engines run one after another: one activation block for all
+        runners = {name: TrtRunner(specs[name], folder / f"{name}.plan", device=device, scratch=scratch)
+                   for name in ENGINES}
     return Engines(**runners)
