@@ -1,4 +1,5 @@
-"""Session fixtures shared by the test files: one tiny checkpoint in the real layout, and a torch pipeline on it."""
+"""Session fixtures shared by the test files: one tiny checkpoint in the real layout, its models and contract, its
+ONNX export (cached across sessions), and a torch pipeline on it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,32 @@ from pathlib import Path
 import pytest
 import torch
 
+from export.onnx_export import export_cached
+from runtime.checkpoint import LanceModels, load_lance
+from runtime.contract import PRECISIONS, EngineSpec, engine_specs
+from runtime.demo import EXPORT_GROUPS
+
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tiny_checkpoint: Path, request: pytest.FixtureRequest,
+               tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 and bf16 graphs of all four engines, from pytest's cache when the checkpoint and code are unchanged (in
+    the session's temporary folder when the cache plugin is off)."""
+    cache = getattr(request.config, "cache", None)
+    root = Path(cache.mkdir("lance-trt-onnx")) if cache is not None else tmp_path_factory.getbasetemp() / "onnx"
+    return export_cached(tiny_checkpoint, root, PRECISIONS, EXPORT_GROUPS)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_checkpoint: Path) -> LanceModels:
+    return load_lance(tiny_checkpoint, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_specs(tiny_models: LanceModels) -> dict[str, EngineSpec]:
+    return engine_specs(tiny_models.llm_config, tiny_models.vision_config, tiny_models.vae_config)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import pytest
 
 from export.build import BuildError, build_main, plan_build
 from runtime.contract import ENGINES, EngineSpec
-from tests.test_export import engine_dir, tiny_models, tiny_specs  # noqa: F401  (session fixtures)
 
 HAS_TENSORRT = find_spec("tensorrt") is not None
 

@@ -13,7 +13,6 @@ from onnx import TensorProto, helper
 from export.check_onnx import check_graph, check_onnx_main
 from export.ops_tensorrt_10_5 import CORRECTIONS, DELTAS, OPERATORS, OPSET_RANGE, SOURCE
 from runtime.contract import ENGINES, PRECISIONS
-from tests.test_export import engine_dir  # noqa: F401  (session fixture: the tiny export)
 
 
 def test_table_is_the_recorded_release() -> None:

@@ -24,47 +24,19 @@ from export.onnx_export import (
     ExportError,
     check_saved,
     conformance,
-    export_cached,
     export_main,
     read_graph,
     save_graph,
 )
 from runtime import contract
-from runtime.checkpoint import LanceModels, load_lance
-from runtime.contract import ENGINES, PRECISIONS, EngineSpec, engine_specs
+from runtime.checkpoint import LanceModels
+from runtime.contract import ENGINES, PRECISIONS, EngineSpec
 from runtime.engines import EngineError, TorchRunner
 from runtime.engines.graphs import graph_modules
 from runtime.engines.ort import OrtRunner
 from runtime.models.mot import latent_pos_table, mrope_cos_sin
 from runtime.models.vit import vision_inputs
 from tests.parity import compare
-
-# Engines per export process: the MoT (two precisions) is about as slow as the other three together.
-EXPORT_GROUPS = (("mot",), ("vit", "vae_encode", "vae_decode"))
-
-
-# --- Session fixtures (imported by the other engine test files; tiny_checkpoint is tests/conftest.py's) -------------
-
-
-@pytest.fixture(scope="session")
-def engine_dir(tiny_checkpoint: Path, request: pytest.FixtureRequest,
-               tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """fp32 and bf16 graphs of all four engines, from pytest's cache when the checkpoint and code are unchanged (in
-    the session's temporary folder when the cache plugin is off)."""
-    cache = getattr(request.config, "cache", None)
-    root = Path(cache.mkdir("lance-trt-onnx")) if cache is not None else tmp_path_factory.getbasetemp() / "onnx"
-    return export_cached(tiny_checkpoint, root, PRECISIONS, EXPORT_GROUPS)
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tiny_checkpoint: Path) -> LanceModels:
-    return load_lance(tiny_checkpoint, device="cpu", dtype=torch.float32)
-
-
-@pytest.fixture(scope="session")
-def tiny_specs(tiny_models: LanceModels) -> dict[str, EngineSpec]:
-    return engine_specs(tiny_models.llm_config, tiny_models.vision_config, tiny_models.vae_config)
-
 
 # --- Files, metadata, contract conformance -----------------------------------------------------------------------
 

@@ -441,7 +441,7 @@ def gen_call_inputs(model: LanceMoT, batch: int, n_head: int, n_latent: int, n_t
     past buffer holds valid rows, then garbage up to the longest past."""
     c = model.config
     g = torch.Generator().manual_seed(seed)
-    d, length, p = c.hidden_size, n_head + n_latent + n_tail, max(past_lens)
+    d, p = c.hidden_size, max(past_lens)
     shape = (c.num_hidden_layers, batch, p, c.num_key_value_heads, c.head_dim)
     positions = torch.stack([
         torch.cat([text_positions(1, n, n_head)[0], (torch.randint(0, 40, (3, n_latent), generator=g) + n + n_head),

@@ -21,7 +21,7 @@ from runtime.engines.graphs import engines_for
 from runtime.engines.ort import OrtRunner
 from runtime.engines.trt import DeviceScratch, Sidecar, TrtRunner, check_sidecar
 from tests.parity import compare
-from tests.test_export import MOT_CASES, engine_dir, mot_feed, tiny_models, tiny_specs  # noqa: F401  (fixtures)
+from tests.test_export import MOT_CASES, mot_feed
 
 HAS_TENSORRT = find_spec("tensorrt") is not None
 
