@@ -18,7 +18,7 @@ import torch
 
 from export.onnx_export import export_models
 from runtime.contract import ENGINES, engine_specs
-from runtime.engines.graphs import MotGraph, VaeDecodeGraph, VaeEncodeGraph, VitGraph
+from runtime.engines.graphs import VaeDecodeGraph, VaeEncodeGraph
 from runtime.models.mot import LanceLLMConfig, LanceMoT
 from runtime.models.vae import WanVAE, WanVAEConfig
 from runtime.models.vit import Qwen25VisionTransformer, VisionConfig
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     llm, vision, vae_config = LanceLLMConfig(), VisionConfig(), WanVAEConfig()
     mot, vit, vae = LanceMoT(llm).eval(), Qwen25VisionTransformer(vision).eval(), WanVAE(vae_config).eval()
     build_s = time.perf_counter() - start
-    modules = {"vit": VitGraph(vit), "mot": MotGraph(mot), "vae_encode": VaeEncodeGraph(vae),
+    modules = {"vit": vit, "mot": mot, "vae_encode": VaeEncodeGraph(vae),
                "vae_decode": VaeDecodeGraph(vae)}
     reports = export_models(modules, engine_specs(llm, vision, vae_config), out, precisions, engines,
                             source="random full-size Lance_3B")

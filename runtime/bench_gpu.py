@@ -49,7 +49,7 @@ from runtime.checkpoint import parameters_on_meta
 from runtime.contract import EngineSpec, engine_specs
 from runtime.engines import Engines, Runner, TorchRunner
 from runtime.engines.cuda import CudaMoT, CudaMotRunner, GraphRunner, fused_attention_tower
-from runtime.engines.graphs import MotGraph, VaeDecodeGraph, VaeEncodeGraph, VitGraph
+from runtime.engines.graphs import VaeDecodeGraph, VaeEncodeGraph
 from runtime.models.mot import LanceLLMConfig, LanceMoT
 from runtime.models.vae import WanVAE, WanVAEConfig
 from runtime.models.vit import Qwen25VisionTransformer, VisionConfig, vision_inputs
@@ -161,8 +161,8 @@ class Recorder:
 def reference_engines(models: BenchModels) -> Engines:
     """The plain eager PyTorch engines: `LanceMoT.step` and the modules as `TorchRunner`s."""
     specs = models.specs
-    return Engines(mot=TorchRunner(specs["mot"], MotGraph(models.mot)),
-                   vit=TorchRunner(specs["vit"], VitGraph(models.vit)),
+    return Engines(mot=TorchRunner(specs["mot"], models.mot),
+                   vit=TorchRunner(specs["vit"], models.vit),
                    vae_encode=TorchRunner(specs["vae_encode"], VaeEncodeGraph(models.vae)),
                    vae_decode=TorchRunner(specs["vae_decode"], VaeDecodeGraph(models.vae)))
 
@@ -172,7 +172,7 @@ def fast_engines(models: BenchModels, mot: CudaMoT) -> Engines:
     are long)."""
     specs = models.specs
     return Engines(mot=CudaMotRunner(specs["mot"], mot),
-                   vit=GraphRunner(specs["vit"], VitGraph(fused_attention_tower(models.vit))),
+                   vit=GraphRunner(specs["vit"], fused_attention_tower(models.vit)),
                    vae_encode=TorchRunner(specs["vae_encode"], VaeEncodeGraph(models.vae)),
                    vae_decode=TorchRunner(specs["vae_decode"], VaeDecodeGraph(models.vae)))
 
@@ -448,7 +448,7 @@ def part_denoise(ctx: Context) -> None:
                         ctx.info[f"profile {name}"] = kernel_profile(lambda: eager.infer(feed), top=20)
                         profile_done = True
                 runner.clear()
-            reference = TorchRunner(models.specs["mot"], MotGraph(models.mot))
+            reference = TorchRunner(models.specs["mot"], models.mot)
             times = cuda_times(lambda: reference.infer(feed), warmup=1, repeat=max(3, ctx.args.repeat // 3))
             ctx.rows.append(make_row("denoise", name, "reference eager", times, flops=flops,
                                      peak_tflops=ctx.peak_tflops))
@@ -491,7 +491,7 @@ def part_vit(ctx: Context) -> None:
     feed = {name: t.to(models.device) for name, t in inputs.engine_inputs().items()}
     feed["patches"] = torch.randn(inputs.num_patches, models.vit.config.patch_dim, device=models.device,
                                   generator=generator)
-    module, fused = VitGraph(models.vit), VitGraph(fused_attention_tower(models.vit))
+    module, fused = models.vit, fused_attention_tower(models.vit)
     flops = counted_flops(lambda: module(**feed))
     name = f"ViT {side}x{side} ({inputs.num_patches} patches)"
     spec = models.specs["vit"]
@@ -539,7 +539,7 @@ def part_text(ctx: Context) -> None:
     """Prefill calls recorded from a t2i and an x2t request, then AR decode through the runner."""
     models, config = ctx.models, ctx.models.mot.config
     recorder = Recorder(CudaMotRunner(models.specs["mot"], ctx.fast, graphs=False))
-    engines = Engines(mot=recorder, vit=GraphRunner(models.specs["vit"], VitGraph(models.vit)), vae_encode=None,
+    engines = Engines(mot=recorder, vit=GraphRunner(models.specs["vit"], models.vit), vae_encode=None,
                       vae_decode=None)
     pipeline = LancePipeline(engines, models.host(), device=models.device, dtype=models.dtype)
     pipeline.generate(GenerationRequest("x2t", QUESTION, image=test_image(), max_new_tokens=2))

@@ -14,7 +14,7 @@ from torch.export import Dim
 
 from runtime import constants, contract
 from runtime.contract import DimExpr, DType, EngineSpec, Profile, TensorSpec, engine_specs, scaled, total
-from runtime.engines.graphs import MotGraph, VaeDecodeGraph, VaeEncodeGraph, VitGraph
+from runtime.engines.graphs import VaeDecodeGraph, VaeEncodeGraph
 from runtime.models.mot import LanceLLMConfig, LanceMoT
 from runtime.models.vae import WanVAE, WanVAEConfig
 from runtime.models.vit import Qwen25VisionTransformer, VisionConfig
@@ -152,8 +152,8 @@ def test_profile_selection() -> None:
 
 
 @pytest.mark.parametrize("name, functions", [
-    ("mot", (MotGraph.forward, LanceMoT.step)),
-    ("vit", (VitGraph.forward, Qwen25VisionTransformer.forward)),
+    ("mot", (LanceMoT.forward, LanceMoT.step)),
+    ("vit", (Qwen25VisionTransformer.forward,)),
     ("vae_encode", (VaeEncodeGraph.forward,)),
     ("vae_decode", (VaeDecodeGraph.forward,)),
 ])
@@ -165,7 +165,7 @@ def test_input_names_are_the_signatures(name: str, functions) -> None:
 def _tiny_modules() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     vae = WanVAE(WanVAEConfig.tiny())
-    return {"vit": VitGraph(Qwen25VisionTransformer(TINY_VISION)), "mot": MotGraph(LanceMoT(TINY_LLM)),
+    return {"vit": Qwen25VisionTransformer(TINY_VISION), "mot": LanceMoT(TINY_LLM),
             "vae_encode": VaeEncodeGraph(vae), "vae_decode": VaeDecodeGraph(vae)}
 
 

@@ -1,5 +1,7 @@
 """Engine-shaped modules: each ``forward`` takes its engine's contract inputs by name and returns the outputs in
-contract order (``runtime.contract``). ONNX export traces these; ``TorchRunner`` runs them.
+contract order (``runtime.contract``). ONNX export traces these; ``TorchRunner`` runs them. The ``mot`` and ``vit``
+engines are the models themselves (`LanceMoT.forward` is its step; the vision tower's forward takes the host-computed
+window/rotary inputs); the two VAE engines wrap the VAE's image paths.
 
 They add no math of their own beyond the casts at the engine boundary: contract inputs declared fp32 (patches,
 pixels, noise) enter the network in its compute dtype, and the VAE returns fp32 as upstream does (``u.float()``,
@@ -18,9 +20,7 @@ from torch import nn
 
 from runtime.contract import ENGINES, EngineSpec, engine_specs
 from runtime.engines import Engines, Runner, TorchRunner
-from runtime.models.mot import LanceMoT
 from runtime.models.vae import WanVAE, sample_posterior
-from runtime.models.vit import Qwen25VisionTransformer
 
 if TYPE_CHECKING:
     from runtime.checkpoint import LanceModels
@@ -33,74 +33,6 @@ RUNNERS = ("torch", "onnxruntime", "tensorrt")
 def _compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype of the module's weights: the precision the engine computes in."""
     return next(module.parameters()).dtype
-
-
-class MotGraph(nn.Module):
-    """The ``mot`` engine: `LanceMoT.step` (see ``runtime.contract.mot_spec`` for the tensors)."""
-
-    def __init__(self, mot: LanceMoT) -> None:
-        super().__init__()
-        self.mot = mot
-
-    def forward(
-        self,
-        und_head: torch.Tensor,
-        latents: torch.Tensor,
-        timestep: torch.Tensor,
-        latent_pos: torch.Tensor,
-        und_tail: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        past_key: torch.Tensor,
-        past_value: torch.Tensor,
-        past_len: torch.Tensor,
-        causal: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """
-        Args:
-            und_head: ``(B, Lh, D)`` compute dtype.
-            latents: ``(B, Lg, 48)`` compute dtype.
-            timestep: ``(B,)`` fp32.
-            latent_pos: ``(Lg, D)`` compute dtype.
-            und_tail: ``(B, Lt, D)`` compute dtype.
-            cos, sin: ``(B, Lh + Lg + Lt, head_dim)`` fp32.
-            past_key, past_value: ``(layers, B, P, kv_heads, head_dim)`` compute dtype.
-            past_len: ``(B,)`` int64.
-            causal: ``()`` bool.
-        Returns:
-            logits ``(B, vocab)`` fp32, velocity ``(B, Lg, 48)``, key and value ``(layers, B, L, kv_heads, head_dim)``.
-        """
-        return self.mot.step(und_head, latents, timestep, latent_pos, und_tail, cos, sin, past_key, past_value,
-                             past_len, causal)
-
-
-class VitGraph(nn.Module):
-    """The ``vit`` engine: the vision tower on one image's patches with host-computed window/rotary inputs."""
-
-    def __init__(self, vit: Qwen25VisionTransformer) -> None:
-        super().__init__()
-        self.vit = vit
-
-    def forward(
-        self,
-        patches: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        window_mask: torch.Tensor,
-        full_mask: torch.Tensor,
-        window_index: torch.Tensor,
-        reverse_index: torch.Tensor,
-    ) -> torch.Tensor:
-        """
-        Args:
-            patches: ``(4N, 1176)`` fp32 patch rows.
-            cos, sin: ``(4N, head_dim)`` fp32, window order.
-            window_mask, full_mask: ``(4N, 4N)`` fp32 additive masks.
-            window_index, reverse_index: ``(N,)`` int64.
-        Returns:
-            hidden ``(N, out_hidden)`` in the compute dtype.
-        """
-        return self.vit(patches, cos, sin, window_mask, full_mask, window_index, reverse_index)
 
 
 class VaeEncodeGraph(nn.Module):
@@ -138,7 +70,7 @@ class VaeDecodeGraph(nn.Module):
 
 def graph_modules(models: "LanceModels") -> dict[str, nn.Module]:
     """The four engine modules over loaded models, by engine name (`runtime.contract.ENGINES` order)."""
-    return {"vit": VitGraph(models.vit), "mot": MotGraph(models.mot), "vae_encode": VaeEncodeGraph(models.vae),
+    return {"vit": models.vit, "mot": models.mot, "vae_encode": VaeEncodeGraph(models.vae),
             "vae_decode": VaeDecodeGraph(models.vae)}
 
 

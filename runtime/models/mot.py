@@ -38,13 +38,11 @@ from runtime.constants import (
     QWEN2_SPECIAL_TOKENS,
     TIMESTEP_EMBED_DIM,
 )
+# MASK_VALUE: finite, so it survives a cast to bf16; every query row keeps its own key, so no row is fully masked,
+# and exp(-1e9 + s) is exactly 0 in fp32 for any realistic score s.
+from runtime.models.layers import MASK_VALUE, RMSNorm, rotate_half
 
 logger = logging.getLogger(__name__)
-
-MASK_VALUE = -1e9
-"""Additive attention-mask entry for a blocked (query, key) pair. Finite, so it survives a cast to bf16 (fp32's
-minimum becomes -inf there); every query row keeps its own key, so no row is fully masked, and exp(-1e9 + s) is
-exactly 0 in fp32 for any realistic score s."""
 
 # The vision tower as ``Lance_3B/llm_config.json`` embeds it (Qwen2.5-VL-3B). The LLM side reads only
 # ``tokens_per_second`` and ``spatial_merge_size`` (host-side mRoPE positions); the rest is kept for the file.
@@ -339,12 +337,6 @@ def mrope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
     return angles.cos(), angles.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``(x1, x2) -> (-x2, x1)`` over the two halves of the last dim."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half RoPE on queries and keys (the one rotation of this module).
@@ -439,22 +431,6 @@ def route(und: Callable[[torch.Tensor], Any], gen: Callable[[torch.Tensor], Any]
 # --- Leaf modules ----------------------------------------------------------------------------------------------
 
 
-class LanceRMSNorm(nn.Module):
-    """RMSNorm with fp32 statistics; the weight multiplies after casting back, as upstream's ``Qwen2RMSNorm``.
-    Explicit math, so the ONNX graph has no opset-23 ``RMSNormalization``."""
-
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``(..., hidden)`` float -> same shape, dtype of ``weight * x``."""
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
 class LanceMLP(nn.Module):
     """Qwen2 SwiGLU MLP without biases: ``down(silu(gate(x)) * up(x))``."""
 
@@ -545,7 +521,7 @@ class LanceMoTAttention(nn.Module):
         self.o_proj_moe_gen = nn.Linear(q_size, hidden, bias=False)
 
         def qk_norm() -> nn.Module:
-            return LanceRMSNorm(head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
+            return RMSNorm(head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
 
         self.q_norm, self.k_norm = qk_norm(), qk_norm()
         self.q_norm_moe_gen, self.k_norm_moe_gen = qk_norm(), qk_norm()
@@ -609,10 +585,10 @@ class LanceMoTDecoderLayer(nn.Module):
         self.self_attn = LanceMoTAttention(config, attn_implementation)
         self.mlp = LanceMLP(config)
         self.mlp_moe_gen = LanceMLP(config)
-        self.input_layernorm = LanceRMSNorm(hidden, eps)
-        self.input_layernorm_moe_gen = LanceRMSNorm(hidden, eps)
-        self.post_attention_layernorm = LanceRMSNorm(hidden, eps)
-        self.post_attention_layernorm_moe_gen = LanceRMSNorm(hidden, eps)
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.input_layernorm_moe_gen = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm_moe_gen = RMSNorm(hidden, eps)
 
     def forward(self, rows: Rows, cos: torch.Tensor, sin: torch.Tensor, past_key: torch.Tensor,
                 past_value: torch.Tensor, mask: torch.Tensor) -> tuple[Rows, torch.Tensor, torch.Tensor]:
@@ -635,8 +611,8 @@ class LanceMoTModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LanceMoTDecoderLayer(config, attn_implementation)
                                     for _ in range(config.num_hidden_layers))
-        self.norm = LanceRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.norm_moe_gen = LanceRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, rows: Rows, cos: torch.Tensor, sin: torch.Tensor, past_key: torch.Tensor,
                 past_value: torch.Tensor, mask: torch.Tensor) -> tuple[Rows, torch.Tensor, torch.Tensor]:

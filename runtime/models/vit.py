@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.models.layers import MASK_VALUE, RMSNorm, rotate_half
+
 logger = logging.getLogger(__name__)
 
 # Fixed in upstream's modules rather than read from config.json.
@@ -38,7 +40,6 @@ _ROPE_THETA = 10000.0
 # The model_type upstream's Qwen2_5_VLVisionConfig writes (Lance's transformers-4.x fork of the class).
 _MODEL_TYPE = "qwen2_5_vl"
 
-MASK_VALUE = -1e9
 """Additive mask entry for a blocked (query, key) pair. Finite, so it survives casts to bf16 (fp32's minimum rounds to
 -inf there) and no row can turn into NaN; every row keeps its own diagonal, and exp(-1e9 + s) is exactly 0 in fp32
 for any realistic score s, so masked attention equals upstream's chunked attention."""
@@ -164,21 +165,6 @@ class VisionConfig:
 # --- Leaf modules ------------------------------------------------------------------------------------------------
 
 
-class Qwen25RMSNorm(nn.Module):
-    """RMSNorm with fp32 statistics; the weight multiplies after casting back, as upstream's ``Qwen2RMSNorm``."""
-
-    def __init__(self, hidden_size: int, eps: float = _RMS_NORM_EPS) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``(..., hidden)`` float -> same shape and dtype."""
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
 class Qwen25VisionPatchEmbed(nn.Module):
     """Patch embedding. Upstream's Conv3d has stride == kernel, so on pre-flattened patch rows it is one MatMul.
 
@@ -212,12 +198,6 @@ class Qwen25VisionMLP(nn.Module):
 
 
 # --- Rotary and attention (pure functions) -------------------------------------------------------------------------
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``(x1, x2) -> (-x2, x1)`` over the two halves of the last dim."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -291,8 +271,8 @@ class Qwen25VisionBlock(nn.Module):
 
     def __init__(self, config: VisionConfig, attn_implementation: str = "eager") -> None:
         super().__init__()
-        self.norm1 = Qwen25RMSNorm(config.hidden_size)
-        self.norm2 = Qwen25RMSNorm(config.hidden_size)
+        self.norm1 = RMSNorm(config.hidden_size, _RMS_NORM_EPS)
+        self.norm2 = RMSNorm(config.hidden_size, _RMS_NORM_EPS)
         self.attn = Qwen25VisionAttention(config, attn_implementation)
         self.mlp = Qwen25VisionMLP(config)
 
@@ -308,7 +288,7 @@ class Qwen25VisionPatchMerger(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         merged = config.hidden_size * config.merge_unit
-        self.ln_q = Qwen25RMSNorm(config.hidden_size)
+        self.ln_q = RMSNorm(config.hidden_size, _RMS_NORM_EPS)
         self.mlp = nn.Sequential(nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, config.out_hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
