@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,3 +32,20 @@ def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4,
     print(f"{name}: max-abs {err:.3e} (ref max-abs {scale:.3f}), cosine {cos:.9f}")
     assert err <= tol * max(scale, 1.0), f"{name}: max-abs {err:.3e} > {tol} x {scale:.3f}"
     assert cos >= min_cos, f"{name}: cosine {cos}"
+
+
+def randomize(model: torch.nn.Module, seed: int, *, bias_scale: float = 0.1) -> None:
+    """Seeded unit-gain random weights: norm scales around 1, small biases, N(0, 1) embeddings, everything else
+    N(0, 1/fan_in) so activations keep their scale through deep stacks (and two experts never coincide)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name or "ln_q" in name or name.endswith("gamma"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("bias"):
+                p.copy_(bias_scale * noise)
+            elif "embed_tokens" in name:
+                p.copy_(noise)
+            else:
+                p.copy_(noise / math.sqrt(p[0].numel()))

@@ -32,27 +32,16 @@ from runtime.engines.cuda import (
 from runtime.models.mot import LanceLLMConfig, LanceMoT, apply_rotary, mrope_cos_sin
 from runtime.models.vae import WanVAEConfig
 from runtime.models.vit import VisionConfig
-from tests.parity import compare
+from tests.parity import compare, randomize
 
 Z = 48
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
 def random_model(config: LanceLLMConfig, seed: int) -> LanceMoT:
-    """Unit-gain random weights (norm scales around 1, small biases); the two experts differ."""
+    """A model with `tests.parity.randomize` weights (the two experts differ)."""
     model = LanceMoT(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            elif "embed_tokens" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(noise / math.sqrt(p.shape[-1]))
+    randomize(model, seed)
     return model
 
 

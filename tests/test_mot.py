@@ -13,6 +13,7 @@ All in fp32 on seeded random weights at realistic scales.
 
 from __future__ import annotations
 
+import importlib
 import copy
 import json
 import math
@@ -31,34 +32,18 @@ from runtime.models.mot import (
     mrope_cos_sin,
     timestep_embedding,
 )
-from tests.parity import checkpoint_keys, compare
+from tests.parity import checkpoint_keys, compare, randomize
 
-hf_qwen3 = pytest.importorskip("transformers.models.qwen3.modeling_qwen3")
-hf_qwen3_cfg = pytest.importorskip("transformers.models.qwen3.configuration_qwen3")
-hf_vl = pytest.importorskip("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl")
-hf_vl_cfg = pytest.importorskip("transformers.models.qwen2_5_vl.configuration_qwen2_5_vl")
+hf_qwen3 = importlib.import_module("transformers.models.qwen3.modeling_qwen3")
+hf_qwen3_cfg = importlib.import_module("transformers.models.qwen3.configuration_qwen3")
+hf_vl = importlib.import_module("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl")
+hf_vl_cfg = importlib.import_module("transformers.models.qwen2_5_vl.configuration_qwen2_5_vl")
 
 TOKENS = 151665          # ids drawn below the tokenizer length: every one is a real Qwen2.5 token
 Z = 48
 
 
 # --- Helpers -------------------------------------------------------------------------------------------------------
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Unit-gain random weights: norms around 1, small biases, N(0, 1) embeddings; und and gen experts differ."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            elif "embed_tokens" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(noise / math.sqrt(p.shape[-1]))
 
 
 def make_model(config: LanceLLMConfig, seed: int = 0, attn: str = "eager") -> LanceMoT:

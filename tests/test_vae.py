@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import re
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from runtime.models.vae import (
     sample_posterior,
     unpatchify,
 )
-from tests.parity import checkpoint_keys, compare
+from tests.parity import checkpoint_keys, compare, randomize
 
 diffusers_wan = importlib.import_module("diffusers.models.autoencoders.autoencoder_kl_wan")
 
@@ -40,18 +39,10 @@ B, H, W = 2, 32, 48            # latent grid 2 x 3: non-square catches h/w swaps
 
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Unit-gain random weights, gammas around 1, small biases; the output conv is damped so few pixels clamp."""
-    g = torch.Generator().manual_seed(seed)
+def randomize_vae(model: torch.nn.Module, seed: int) -> None:
+    """`tests.parity.randomize` with small biases; the output conv is damped so few pixels clamp."""
+    randomize(model, seed, bias_scale=0.05)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.05 * noise)
-            else:
-                p.copy_(noise / math.sqrt(p[0].numel()))
         model.decoder.head[2].weight.mul_(0.3)
 
 
@@ -99,7 +90,7 @@ def diffusers_wan22(config: WanVAEConfig) -> torch.nn.Module:
 def models() -> tuple[WanVAE, torch.nn.Module]:
     config = WanVAEConfig.tiny()
     ours = WanVAE(config).eval()
-    randomize(ours, seed=0)
+    randomize_vae(ours, seed=0)
     ref = diffusers_wan22(config)
     mapped = {to_diffusers_key(k, config.num_res_blocks): v for k, v in ours.state_dict().items()}
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from runtime.models.vit import (
     vision_inputs,
     vision_window_index,
 )
-from tests.parity import checkpoint_keys, compare
+from tests.parity import checkpoint_keys, compare, randomize
 
 hf_vl = importlib.import_module("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl")
 hf_cfg = importlib.import_module("transformers.models.qwen2_5_vl.configuration_qwen2_5_vl")
@@ -42,20 +41,6 @@ GRIDS = [
     (1, 36, 64),    # the real 16:9 grid at 672 px (504 x 896): 2304 patches
 ]
 
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Unit-gain random weights, norm weights around 1, small biases."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name or "ln_q" in name:
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / math.sqrt(p[0].numel()))
 
 
 def reference_model(config: VisionConfig) -> torch.nn.Module:
