@@ -393,6 +393,20 @@ def _llm_config(layout: CheckpointLayout) -> LanceLLMConfig:
         raise CheckpointError(f"{layout.llm_config}: {err}") from err
 
 
+def _vision_config(layout: CheckpointLayout) -> VisionConfig:
+    try:
+        return VisionConfig.from_dict(_read_json(layout.vit_config))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{layout.vit_config}: {err}") from err
+
+
+def _tokenizer(layout: CheckpointLayout) -> tuple[PreTrainedTokenizerBase, SpecialIds]:
+    try:
+        return load_tokenizer(layout.tokenizer_dir)
+    except TokenizerError as err:
+        raise CheckpointError(f"{layout.tokenizer_dir}: {err}") from err
+
+
 def load_vit(layout: CheckpointLayout, *, device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32) -> tuple[Qwen25VisionTransformer, VisionConfig]:
     """The vision tower from `Qwen2.5-VL-ViT/vit.safetensors` + `config.json`.
@@ -401,10 +415,7 @@ def load_vit(layout: CheckpointLayout, *, device: str | torch.device = "cpu",
     vit.safetensors, as upstream loads vit.safetensors first and the Lance checkpoint over it (lance_spec.md §7.2).
     vit.safetensors must be complete either way.
     """
-    try:
-        config = VisionConfig.from_dict(_read_json(layout.vit_config))
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{layout.vit_config}: {err}") from err
+    config = _vision_config(layout)
     device = torch.device(device)
     with parameters_on_meta():
         vit = Qwen25VisionTransformer(config)
@@ -478,10 +489,7 @@ def load_lance(
     """
     layout = CheckpointLayout(resolve_checkpoint(checkpoint, video=video), video)
     layout.check()
-    try:
-        tokenizer, special_ids = load_tokenizer(layout.tokenizer_dir)
-    except TokenizerError as err:
-        raise CheckpointError(f"{layout.tokenizer_dir}: {err}") from err
+    tokenizer, special_ids = _tokenizer(layout)
     mot, llm_config = load_mot(layout, device=device, dtype=dtype)
     vit, vision_config = load_vit(layout, device=device, dtype=dtype)
     if vision_config.out_hidden_size != llm_config.hidden_size:
@@ -490,3 +498,42 @@ def load_lance(
     vae, vae_config = load_vae(layout, device=device, dtype=dtype)
     return LanceModels(mot=mot, vit=vit, vae=vae, tokenizer=tokenizer, special_ids=special_ids,
                        llm_config=llm_config, vision_config=vision_config, vae_config=vae_config, layout=layout)
+
+
+EMBED_KEY = "language_model.model.embed_tokens.weight"
+
+
+@dataclass(frozen=True)
+class LanceHostParts:
+    """What the pipeline computes with on the host when the engines hold the networks (ONNX Runtime, TensorRT):
+    the tokenizer, the three configs and the token embedding, nothing else."""
+
+    tokenizer: PreTrainedTokenizerBase
+    special_ids: SpecialIds
+    llm_config: LanceLLMConfig
+    vision_config: VisionConfig
+    vae_config: WanVAEConfig
+    embed_weight: Tensor
+
+
+def load_host_parts(checkpoint: str | Path, *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, video: bool = False) -> LanceHostParts:
+    """The host side of a checkpoint without building any network: one tensor (the token embedding) is read from
+    the memory map; the VAE's widths come from its file header. A real Lance_3B host then holds ~0.6 GB (bf16), not
+    the 12 GB of weights the engines already carry.
+
+    Raises:
+        CheckpointError: a missing file, or an embedding missing or not ``(vocab_size, hidden_size)``.
+    """
+    layout = CheckpointLayout(resolve_checkpoint(checkpoint, video=video), video)
+    layout.check()
+    tokenizer, special_ids = _tokenizer(layout)
+    llm_config = _llm_config(layout)
+    with _open(layout.llm_weights, layout.vae_weights) as (llm, vae):
+        expected = (llm_config.vocab_size, llm_config.hidden_size)
+        verify_tensors(str(layout.llm_weights), {EMBED_KEY: expected},
+                       {EMBED_KEY: llm.shapes[EMBED_KEY]} if EMBED_KEY in llm.shapes else {})
+        embed_weight = _cast(llm.read(EMBED_KEY), torch.device(device), dtype)
+        vae_config = _vae_config(vae.shapes, vae.path)
+    return LanceHostParts(tokenizer=tokenizer, special_ids=special_ids, llm_config=llm_config,
+                          vision_config=_vision_config(layout), vae_config=vae_config, embed_weight=embed_weight)

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from runtime import constants
-from runtime.contract import MAX_PROMPT_TOKENS, torch_dtype
+from runtime.contract import MAX_PROMPT_TOKENS, EngineSpec, torch_dtype
 from runtime.engines import Engines, Runner
 from runtime.kv_cache import KVCache
-from runtime.models.mot import LanceLLMConfig, mrope_cos_sin
+from runtime.models.mot import LanceLLMConfig, latent_pos_table, mrope_cos_sin
 from runtime.models.vit import VisionConfig, vision_inputs
 from runtime.preprocess import load_image, to_uint8_image, vae_image_input, vit_image_input
 from runtime.request import Cancelled, GenerationRequest, GenerationResult, RequestError
@@ -102,23 +102,27 @@ class LancePipeline:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, *, runner: str = "torch", engine_dir: str | Path | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "LancePipeline":
-        """Load a checkpoint (folder in the HF layout or repo id) and build the engines of ``runner``."""
-        from runtime.checkpoint import load_lance, resolve_checkpoint
+        """Load a checkpoint (folder in the HF layout or repo id) and build the engines of ``runner``: the PyTorch
+        modules for ``torch``, the graphs or plans in ``engine_dir`` otherwise (then only the host side is loaded)."""
+        from runtime.checkpoint import load_lance
         from runtime.contract import engine_specs
         from runtime.engines.graphs import engines_for
 
-        models = load_lance(resolve_checkpoint(checkpoint), device=device, dtype=dtype)
-        specs = engine_specs(models.llm_config, models.vision_config, models.vae_config)
-        if runner != "torch" and engine_dir is None:
-            raise ValueError(f"the {runner} runner needs --engines (a folder written by `lance-trt export`)")
-        engines = engines_for(runner, models if runner == "torch" else Path(engine_dir), specs=specs,
-                              precision=_precision(dtype))
-        host = LanceHost(
-            tokenizer=models.tokenizer, special=models.special_ids, llm_config=models.llm_config,
-            vision_config=models.vision_config,
-            embed_weight=models.mot.language_model.model.embed_tokens.weight.detach(),
-            pos_table=models.mot.latent_pos_embed.pos_embed.detach(),
-        )
+        if runner == "torch":
+            models = load_lance(checkpoint, device=device, dtype=dtype)
+            host = LanceHost(
+                tokenizer=models.tokenizer, special=models.special_ids, llm_config=models.llm_config,
+                vision_config=models.vision_config,
+                embed_weight=models.mot.language_model.model.embed_tokens.weight.detach(),
+                pos_table=models.mot.latent_pos_embed.pos_embed.detach(),
+            )
+            specs = engine_specs(models.llm_config, models.vision_config, models.vae_config)
+            engines = engines_for(runner, models, specs=specs, precision=_precision(dtype))
+        else:
+            if engine_dir is None:
+                raise ValueError(f"the {runner} runner needs --engines (a folder written by `lance-trt export`)")
+            host, specs = load_host(checkpoint, device=device, dtype=dtype)
+            engines = engines_for(runner, Path(engine_dir), specs=specs, precision=_precision(dtype))
         return cls(engines, host, device=device, dtype=dtype)
 
     # --- entry point ------------------------------------------------------------------------------------------------
@@ -342,6 +346,22 @@ class LancePipeline:
 
 # The user text split's budget plus the template around it.
 _MAX_TEXT_ROWS = MAX_PROMPT_TOKENS + 256
+
+
+def load_host(checkpoint: str | Path, *, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32) -> tuple[LanceHost, dict[str, EngineSpec]]:
+    """The host side of a pipeline and the engines' contract, without building any network (for runners whose
+    engines hold the weights): tokenizer, configs, the token embedding and the regenerated latent position table."""
+    from runtime.checkpoint import load_host_parts
+    from runtime.contract import engine_specs
+
+    parts = load_host_parts(checkpoint, device=device, dtype=dtype)
+    cfg = parts.llm_config
+    pos_table = latent_pos_table(cfg.max_latent_frames, constants.MAX_LATENT_SIZE, cfg.hidden_size)
+    host = LanceHost(tokenizer=parts.tokenizer, special=parts.special_ids, llm_config=cfg,
+                     vision_config=parts.vision_config, embed_weight=parts.embed_weight,
+                     pos_table=pos_table.to(device=device, dtype=dtype))
+    return host, engine_specs(cfg, parts.vision_config, parts.vae_config)
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -105,25 +104,25 @@ def build_pipeline(settings: LanceSettings, device: torch.device):  # -> runtime
     to ``device``.
     """
     from runtime.engines.triton_bls import BlsRunner
-    from runtime.pipeline import LancePipeline
+    from runtime.pipeline import LancePipeline, load_host
 
     dtype = PRECISION_DTYPES[settings.precision]
-    load_device = device if settings.mot_runner == "torch" else torch.device("cpu")
-    reference = LancePipeline.from_checkpoint(settings.checkpoint, runner="torch", device=load_device, dtype=dtype)
-    specs = {name: getattr(reference.engines, name).spec for name in ENGINES}
-    host = replace(reference.host, embed_weight=reference.host.embed_weight.to(device),
-                   pos_table=reference.host.pos_table.to(device))
     mot: Runner
     if settings.mot_runner == "torch":
-        mot = reference.engines.mot
-    elif settings.mot_runner == "onnxruntime":
-        from runtime.engines.ort import OrtRunner
-
-        mot = OrtRunner(specs["mot"], settings.mot_engine, threads=settings.threads)
+        reference = LancePipeline.from_checkpoint(settings.checkpoint, runner="torch", device=device, dtype=dtype)
+        host, mot = reference.host, reference.engines.mot
+        specs = {name: getattr(reference.engines, name).spec for name in ENGINES}
     else:
-        from runtime.engines.trt import TrtRunner
+        # The engines hold the networks: the host side needs only the tokenizer, configs and the embedding.
+        host, specs = load_host(settings.checkpoint, device=device, dtype=dtype)
+        if settings.mot_runner == "onnxruntime":
+            from runtime.engines.ort import OrtRunner
 
-        mot = TrtRunner(specs["mot"], settings.mot_engine, device=device)
+            mot = OrtRunner(specs["mot"], settings.mot_engine, threads=settings.threads)
+        else:
+            from runtime.engines.trt import TrtRunner
+
+            mot = TrtRunner(specs["mot"], settings.mot_engine, device=device)
     timeout_us = int(settings.child_timeout_s * 1e6)
     children = {name: BlsRunner(specs[name], model, pb_utils, precision=settings.precision, device=device,
                                 timeout_us=timeout_us)

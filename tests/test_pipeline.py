@@ -108,3 +108,15 @@ def test_bad_requests_are_refused(torch_pipeline, request_kwargs, field) -> None
     with pytest.raises(RequestError) as err:
         torch_pipeline.generate(GenerationRequest(**request_kwargs))
     assert err.value.field == field
+
+
+def test_host_only_load_matches_the_full_load(tiny_checkpoint, torch_pipeline) -> None:
+    """Runners whose engines hold the weights load only the host side; it must equal what the full load gives."""
+    from runtime.pipeline import load_host
+
+    host, specs = load_host(tiny_checkpoint)
+    assert torch.equal(host.embed_weight, torch_pipeline.host.embed_weight)
+    assert torch.equal(host.pos_table, torch_pipeline.host.pos_table)
+    assert host.special == torch_pipeline.host.special and host.llm_config == torch_pipeline.host.llm_config
+    assert {name: spec.digest() for name, spec in specs.items()} == {
+        name: getattr(torch_pipeline.engines, name).spec.digest() for name in specs}
