@@ -236,16 +236,17 @@ class LancePipeline:
         KV protocol: text causal, visual blocks bidirectional). Returns the last call's logits."""
         logits = None
         for index, split in enumerate(plan.context_splits):
-            feed = self._split_feed(split, plan.split_position_ids(index), vit_rows, ref_latent, timestep=0.0)
+            feed = self._split_feed(split, plan.split_position_ids(index), vit_rows, ref_latent)
             out = self._mot(feed, cache, slice(branch, branch + 1), causal=split.attn_mode == "causal")
             cache.append(slice(branch, branch + 1), out["key"], out["value"])
             logits = out["logits"]
         return logits
 
     def _split_feed(self, split: Split, positions: np.ndarray, vit_rows: torch.Tensor | None,
-                    latents: torch.Tensor | None, timestep: float) -> dict[str, torch.Tensor]:
+                    latents: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The row groups of one split: text and ViT blocks are all und rows; a latent block is
-        ``[<|vision_start|>] + latents (gen) + [<|vision_end|>]``."""
+        ``[<|vision_start|>] + latents (gen) + [<|vision_end|>]`` at t = 0 (a clean reference; the denoise query
+        sets its own timestep in `_velocity`)."""
         host = self.host
         if split.kind == "text":
             head, lat, tail = host.embed(split.token_ids), self._no_latents(1), self._no_rows(1)
@@ -260,7 +261,7 @@ class LancePipeline:
             lat = latents
             latent_pos = host.pos_table[torch.as_tensor(latent_position_ids(t, h, w), device=self.device)]
         cos, sin = host.rope(positions)
-        return {"und_head": head, "latents": lat, "timestep": torch.full((1,), timestep), "latent_pos": latent_pos,
+        return {"und_head": head, "latents": lat, "timestep": torch.zeros(1), "latent_pos": latent_pos,
                 "und_tail": tail, "cos": cos, "sin": sin}
 
     def _mot(self, feed: dict[str, torch.Tensor], cache: KVCache, branches: slice, causal: bool) -> dict:
@@ -285,7 +286,7 @@ class LancePipeline:
         x = _randn((1, t * h * w, constants.LATENT_CHANNELS), request.seed).to(self.device, self.dtype)
         schedule = make_schedule(request.steps, constants.DEFAULT_TIMESTEP_SHIFT)
         # The noise query of each branch: its own positions, the same rows.
-        query = [self._split_feed(noise_split, b.plan.split_position_ids(b.plan.noise_index), None, x, 0.0)
+        query = [self._split_feed(noise_split, b.plan.split_position_ids(b.plan.noise_index), None, x)
                  for b in branches]
         with _timed(timings, "denoise"):
             for step in range(schedule.steps):
@@ -318,7 +319,7 @@ class LancePipeline:
         for step in range(max_new_tokens):
             progress.check()
             split = Split("text", (token,), int(plan.splits[-1].modality))
-            feed = self._split_feed(split, positions[:, step:step + 1], None, None, 0.0)
+            feed = self._split_feed(split, positions[:, step:step + 1], None, None)
             out = self._mot(feed, cache, slice(0, 1), causal=True)
             cache.append(slice(0, 1), out["key"], out["value"])
             logits = out["logits"][0].float()

@@ -81,7 +81,7 @@ def test_batched_cfg_query_equals_separate_branches(torch_pipeline) -> None:
         pipe._prefill(p, cache, index, vit_rows=None, ref_latent=None)
     noise = plan.splits[plan.noise_index]
     x = torch.randn(1, 24, 48, generator=torch.Generator().manual_seed(0))
-    queries = [pipe._split_feed(noise, p.split_position_ids(p.noise_index), None, x, 0.0) for p in plans]
+    queries = [pipe._split_feed(noise, p.split_position_ids(p.noise_index), None, x) for p in plans]
     batched = pipe._velocity(queries, x, 0.7, cache)
     for index, query in enumerate(queries):
         single_cache = pipe._cache(plans[index].context_length, batch=1)
