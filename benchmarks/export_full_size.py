@@ -40,10 +40,10 @@ def main(argv: list[str]) -> int:
                             source="random full-size Lance_3B")
     rows = []
     for r in reports:
-        files = [Path(r.path)] + ([Path(r.data_file)] if r.data_file else [])
-        size = sum(f.stat().st_size for f in files if f.exists())
+        files = [Path(r.path)] + ([Path(r.path).with_name(r.data_file)] if r.data_file else [])
+        size = sum(f.stat().st_size for f in files)
         rows.append({"engine": r.engine, "precision": r.precision, "bytes": size, "exported_nodes": r.exported_nodes,
-                     "nodes": r.nodes, "seconds": round(r.seconds, 1)})
+                     "nodes": r.nodes, "seconds": round(r.seconds, 1), "passes": r.passes})
         print(f"{r.engine:11s} {r.precision:5s} {size / 2**30:8.2f} GiB  nodes {r.exported_nodes:5d} -> {r.nodes:5d}"
               f"  {r.seconds:7.1f} s", flush=True)
     result = {"cpu_count": os.cpu_count(), "build_seconds": round(build_s, 1), "torch": torch.__version__,

@@ -8,13 +8,17 @@ the values. Parts (``--parts``, each fits well inside ten minutes on an H100):
 * ``sdpa``: the denoise attention (16 query heads over 2 K/V heads) through each SDPA backend, with
   ``enable_gqa`` and with K/V expanded per head.
 * ``denoise``: one forward of the denoise query (``<vs>`` + latents + ``<ve>`` over the prompt context) for one
-  branch and for both CFG branches, per size: the fast runner (`runtime.engines.cuda`) with and without compiled
-  element-wise kernels, and the eager reference `LanceMoT.step`; a kernel profile of the fast forward.
-* ``vit``: the vision tower at 672x672, eager and graph-replayed.
-* ``vae``: the VAE decoder per size in bf16 and fp32, NCHW and channels-last.
+  branch and for both CFG branches, per size: the fast runner (`runtime.engines.cuda`) in the ``--variants``
+  (compiled element-wise kernels or not, attention backend, the FP8 gen expert with its velocity cosine against the
+  bf16 fast path), and the eager reference `LanceMoT.step`; a kernel profile of the fast forward.
+* ``vit``: the vision tower at 672x672: the module, and the fast tower (`runtime.engines.cuda_vit`) eager and
+  graph-replayed, with its cosine against the module.
+* ``vae``: the VAE decoder per size in the end-to-end precision: NCHW, channels-last, with cuDNN autotuning, and
+  compiled at the largest size; a kernel profile.
 * ``text``: t2i prefill, the x2t ViT-block prefill and AR decode tokens/s.
-* ``e2e``: t2i (30 steps, CFG 4.0) per size and x2t, through `LancePipeline` with the fast engines and with the
-  plain eager reference engines on the same weights; peak GPU memory of each.
+* ``e2e``: t2i (30 steps, CFG 4.0) per size and x2t, through `LancePipeline` with the fast engines (bf16, and
+  with the FP8 gen expert: its image's PSNR against the bf16 one) and with the plain eager reference engines on the
+  same weights; peak GPU memory of each.
 
 Each row is a median time over repeats with CUDA events (wall clock for whole requests) and, where it has one, its
 floor: FLOPs over the measured matmul peak, or bytes over the measured bandwidth. A table goes to stdout and every
@@ -48,7 +52,8 @@ from runtime import constants
 from runtime.checkpoint import parameters_on_meta
 from runtime.contract import EngineSpec, engine_specs
 from runtime.engines import Engines, Runner, TorchRunner
-from runtime.engines.cuda import CudaMoT, CudaMotRunner, GraphRunner, fused_attention_tower
+from runtime.engines.cuda import CudaMoT, CudaMotRunner, GraphRunner, cuda_engines
+from runtime.engines.cuda_vit import CudaVisionTower, CudaVitRunner
 from runtime.engines.graphs import VaeDecodeGraph, VaeEncodeGraph
 from runtime.models.mot import LanceLLMConfig, LanceMoT
 from runtime.models.vae import WanVAE, WanVAEConfig
@@ -62,9 +67,11 @@ logger = logging.getLogger(__name__)
 PARTS = ("peak", "sdpa", "denoise", "vit", "vae", "text", "e2e")
 SDPA_CHOICES = {"default": None, "cudnn": [SDPBackend.CUDNN_ATTENTION], "flash": [SDPBackend.FLASH_ATTENTION]}
 """``--attention``: the SDPA backends the fast path's unmasked attention may use (default: PyTorch's choice)."""
-DENOISE_VARIANTS = {"compiled": (True, "default"), "compiled-cudnn": (True, "cudnn"),
-                    "compiled-flash": (True, "flash"), "plain": (False, "default")}
-"""``--variants`` of the denoise part: (compiled element-wise kernels, attention backend)."""
+DENOISE_VARIANTS = {"compiled": (True, "default", False), "compiled-cudnn": (True, "cudnn", False),
+                    "compiled-flash": (True, "flash", False), "plain": (False, "default", False),
+                    "compiled-fp8": (True, "default", True), "plain-fp8": (False, "default", True)}
+"""``--variants`` of the denoise part: (compiled element-wise kernels, attention backend, FP8 gen expert)."""
+E2E_VARIANTS = ("reference eager", "fast", "fast fp8-gen")
 PROMPT = "a red cube on a wooden table next to a glass of water, soft studio light, photorealistic"
 QUESTION = "What is in the image? Describe it in detail."
 
@@ -148,6 +155,7 @@ class Recorder:
     def __init__(self, runner: Runner, keep: Sequence[str] = ()) -> None:
         self.runner = runner
         self.spec = runner.spec
+        self.host_inputs = runner.host_inputs
         self.keep = tuple(keep)
         self.calls: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
 
@@ -168,13 +176,8 @@ def reference_engines(models: BenchModels) -> Engines:
 
 
 def fast_engines(models: BenchModels, mot: CudaMoT) -> Engines:
-    """The fast engines: `CudaMotRunner`, the ViT with fused attention graph-replayed, the VAE eager (its kernels
-    are long)."""
-    specs = models.specs
-    return Engines(mot=CudaMotRunner(specs["mot"], mot),
-                   vit=GraphRunner(specs["vit"], fused_attention_tower(models.vit)),
-                   vae_encode=TorchRunner(specs["vae_encode"], VaeEncodeGraph(models.vae)),
-                   vae_decode=TorchRunner(specs["vae_decode"], VaeDecodeGraph(models.vae)))
+    """The fast engines of the product (`runtime.engines.cuda.cuda_engines`) over ``mot``."""
+    return cuda_engines(models.specs, mot, models.vit, models.vae)
 
 
 def test_image(side: int = constants.VIT_RESOLUTION_IMAGE, seed: int = 0) -> bytes:
@@ -319,9 +322,17 @@ class Context:
     args: argparse.Namespace
     fast: CudaMoT
     rows: list[Row] = field(default_factory=list)
+    fast_fp8: CudaMoT | None = None
     peak_tflops: float | None = None
     bandwidth_gbps: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def fp8_model(ctx: Context) -> CudaMoT:
+    """The fast model with the FP8 gen expert (quantized once, on first use)."""
+    if ctx.fast_fp8 is None:
+        ctx.fast_fp8 = ctx.fast.with_fp8_gen()
+    return ctx.fast_fp8
 
 
 def part_peak(ctx: Context) -> None:
@@ -401,6 +412,8 @@ def first_branch(feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class _NoDecode:
     """A ``vae_decode`` runner that returns a blank image (the query-recording runs skip the VAE)."""
 
+    host_inputs: tuple[str, ...] = ()
+
     def __init__(self, spec: EngineSpec) -> None:
         self.spec = spec
 
@@ -412,7 +425,7 @@ class _NoDecode:
 
 def part_denoise(ctx: Context) -> None:
     models, config = ctx.models, ctx.models.mot.config
-    profile_done = False
+    profiled: set[str] = set()
     for side in ctx.args.sizes:
         feeds = _query_feeds(ctx, side)
         for batch, feed in sorted(feeds.items()):
@@ -421,40 +434,52 @@ def part_denoise(ctx: Context) -> None:
             flops = mot_forward_flops(config, und_rows=2 * batch, gen_rows=lat * batch,
                                       keys=[lat + 2 + p for p in past], logits_rows=batch)
             name = f"denoise forward {side}px B={batch}"
-            for compile, attention in (DENOISE_VARIANTS[v] for v in ctx.args.variants):
-                ctx.fast.set_compile(compile)
-                ctx.fast.sdpa_backends = SDPA_CHOICES[attention]
+            bf16_velocity = None
+            for compile, attention, fp8 in (DENOISE_VARIANTS[v] for v in ctx.args.variants):
+                model = fp8_model(ctx) if fp8 else ctx.fast
+                model.set_compile(compile)
+                model.sdpa_backends = SDPA_CHOICES[attention]
                 variant = "fast" + (" compiled" if compile else "") + ("" if attention == "default" else
-                                                                       f" {attention}-attn")
-                runner = CudaMotRunner(models.specs["mot"], ctx.fast)
+                                                                       f" {attention}-attn") + (" fp8-gen" * fp8)
+                runner = CudaMotRunner(models.specs["mot"], model)
                 try:
-                    times = cuda_times(lambda: runner.infer(feed), warmup=3, repeat=ctx.args.repeat)
+                    velocity = runner.infer(feed)["velocity"]
+                    times = cuda_times(lambda: runner.infer(feed), warmup=2, repeat=ctx.args.repeat)
                 except RuntimeError as err:
                     ctx.rows.append(Row("denoise", name, variant, math.nan, math.nan,
                                         extra={"error": str(err).splitlines()[0][:200]}))
                     continue
+                extra: dict[str, Any] = {}
+                if not fp8 and bf16_velocity is None:
+                    bf16_velocity = velocity.float()
+                elif fp8 and bf16_velocity is not None:
+                    extra["velocity_cosine_vs_bf16"] = F.cosine_similarity(
+                        velocity.float().flatten(), bf16_velocity.flatten(), dim=0).item()
                 ctx.rows.append(make_row("denoise", name, variant + " (runner.infer)", times, flops=flops,
-                                         peak_tflops=ctx.peak_tflops, rows=lat + 2, past=past))
+                                         peak_tflops=ctx.peak_tflops, rows=lat + 2, past=past, **extra))
                 for graph in runner.captured_graphs():
                     times = cuda_times(graph.replay, warmup=2, repeat=ctx.args.repeat)
                     ctx.rows.append(make_row("denoise", name, variant + " (graph replay)", times, flops=flops,
                                              peak_tflops=ctx.peak_tflops))
                 if attention == "default" and side == max(ctx.args.sizes) and batch == 1:
-                    eager = CudaMotRunner(models.specs["mot"], ctx.fast, graphs=False)
+                    eager = CudaMotRunner(models.specs["mot"], model, graphs=False)
                     times = cuda_times(lambda: eager.infer(feed), warmup=2, repeat=ctx.args.repeat)
                     ctx.rows.append(make_row("denoise", name, variant + " (no graph)", times, flops=flops,
                                              peak_tflops=ctx.peak_tflops))
-                    if compile and not profile_done and models.device.type == "cuda":
-                        ctx.info[f"profile {name}"] = kernel_profile(lambda: eager.infer(feed), top=20)
-                        profile_done = True
+                    if compile and models.device.type == "cuda" and variant not in profiled:
+                        ctx.info[f"profile {name} {variant}"] = kernel_profile(lambda: eager.infer(feed), top=20)
+                        profiled.add(variant)
                 runner.clear()
             reference = TorchRunner(models.specs["mot"], models.mot)
-            times = cuda_times(lambda: reference.infer(feed), warmup=1, repeat=max(3, ctx.args.repeat // 3))
+            device_feed = {name: t.to(models.device) for name, t in feed.items()}   # no host inputs there
+            times = cuda_times(lambda: reference.infer(device_feed), warmup=1, repeat=max(3, ctx.args.repeat // 3))
             ctx.rows.append(make_row("denoise", name, "reference eager", times, flops=flops,
                                      peak_tflops=ctx.peak_tflops))
             torch.cuda.empty_cache()
-    ctx.fast.set_compile(ctx.args.compile)
-    ctx.fast.sdpa_backends = SDPA_CHOICES[ctx.args.attention]
+    for model in (ctx.fast, ctx.fast_fp8):
+        if model is not None:
+            model.set_compile(ctx.args.compile)
+            model.sdpa_backends = SDPA_CHOICES[ctx.args.attention]
 
 
 def kernel_profile(fn: Callable[[], Any], top: int = 14) -> list[dict[str, Any]]:
@@ -483,56 +508,68 @@ def _device_us(event: Any) -> float:
 
 
 def part_vit(ctx: Context) -> None:
+    """The tower at 672x672: the module (SDPA with the (P, P) masks) and the fast runner (`CudaVitRunner`) eager and
+    graph-replayed; the floor counts the fast tower's work (windowed attention over each window only)."""
     models = ctx.models
     side = constants.VIT_RESOLUTION_IMAGE
     grid = (1, side // 14, side // 14)
     inputs = vision_inputs(grid, models.vit.config)
     generator = torch.Generator(models.device).manual_seed(2)
-    feed = {name: t.to(models.device) for name, t in inputs.engine_inputs().items()}
-    feed["patches"] = torch.randn(inputs.num_patches, models.vit.config.patch_dim, device=models.device,
-                                  generator=generator)
-    module, fused = models.vit, fused_attention_tower(models.vit)
-    flops = counted_flops(lambda: module(**feed))
+    patches = torch.randn(inputs.num_patches, models.vit.config.patch_dim, device=models.device, generator=generator)
+    host_feed = {**inputs.engine_inputs(), "patches": patches}          # masks on the host, as the pipeline sends
+    device_feed = {name: t.to(models.device) for name, t in host_feed.items()}
+    spec, on_cuda = models.specs["vit"], models.device.type == "cuda"
+    tower = CudaVisionTower(models.vit)
+    eager = CudaVitRunner(spec, tower, graphs=False)
+    flops = counted_flops(lambda: eager.infer(host_feed))
+    tower.set_compile(on_cuda)
     name = f"ViT {side}x{side} ({inputs.num_patches} patches)"
-    spec = models.specs["vit"]
-    for variant, runner in (("module sdpa, eager", TorchRunner(spec, module)),
-                            ("fused attention, eager", TorchRunner(spec, fused)),
-                            ("fused attention, graph", GraphRunner(spec, fused))):
+    module_out = TorchRunner(spec, models.vit).infer(device_feed)["hidden"].float()
+    for variant, runner, feed in (("module sdpa, eager", TorchRunner(spec, models.vit), device_feed),
+                                  ("fast, eager", eager, host_feed),
+                                  ("fast, graph", CudaVitRunner(spec, tower), host_feed)):
+        out = runner.infer(feed)["hidden"].float()
         times = cuda_times(lambda: runner.infer(feed), warmup=3, repeat=ctx.args.repeat)
-        ctx.rows.append(make_row("vit", name, variant, times, flops=flops, peak_tflops=ctx.peak_tflops))
-    if models.device.type == "cuda":
-        ctx.info[f"profile {name}"] = kernel_profile(lambda: fused(**feed), top=10)
+        cosine = F.cosine_similarity(out.flatten(), module_out.flatten(), dim=0).item()
+        ctx.rows.append(make_row("vit", name, variant, times, flops=flops, peak_tflops=ctx.peak_tflops,
+                                 cosine_vs_module=cosine))
+    if on_cuda:
+        ctx.info[f"profile {name}"] = kernel_profile(lambda: eager.infer(host_feed), top=12)
+
+
+VAE_VARIANTS = ("NCHW", "channels_last", "channels_last cudnn-benchmark", "channels_last compiled")
+"""Ways the VAE decoder runs in the ``vae`` part: memory format, cuDNN autotuning, ``torch.compile`` (the largest
+size only: it compiles per shape)."""
 
 
 def part_vae(ctx: Context) -> None:
-    models = ctx.models
+    """The decoder in the end-to-end precision (``--vae-dtype``, the one gpu_check gates; fp32 and TF32 are in the
+    first runs' JSON) per size and `VAE_VARIANTS`, with a kernel profile at the largest size."""
+    models, vae = ctx.models, ctx.models.vae
     generator = torch.Generator(models.device).manual_seed(3)
-    for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True)):
-        vae = models.vae if models.vae.conv1.weight.dtype == dtype else \
-            random_module(lambda: WanVAE(models.vae.config), seed=ctx.args.seed + 2, dtype=dtype,
-                          device=models.device)
-        torch.backends.cudnn.allow_tf32 = tf32
-        for side in ctx.args.sizes:
-            latent = torch.randn(1, 48, side // 16, side // 16, device=models.device, generator=generator)
-            for channels_last in (False, True):
-                z = latent.to(dtype)
-                if channels_last:
-                    z = z.contiguous(memory_format=torch.channels_last)
+    dtype = vae.conv1.weight.dtype
+    compiled = torch.compile(vae.decode_image, dynamic=False) if models.device.type == "cuda" else vae.decode_image
+    largest = max(ctx.args.sizes)
+    for side in ctx.args.sizes:
+        latent = torch.randn(1, 48, side // 16, side // 16, device=models.device, generator=generator).to(dtype)
+        for variant in VAE_VARIANTS:
+            if variant.endswith("compiled") and side != largest:
+                continue
+            z = latent if variant == "NCHW" else latent.contiguous(memory_format=torch.channels_last)
+            decode_image = compiled if variant.endswith("compiled") else vae.decode_image
 
-                def decode() -> torch.Tensor:
-                    return vae.decode_image(z)
-                flops = counted_flops(decode)
+            def decode() -> torch.Tensor:
+                return decode_image(z)
+            autotune = variant.endswith(("cudnn-benchmark", "compiled"))
+            with torch.backends.cudnn.flags(enabled=True, benchmark=autotune, deterministic=False, allow_tf32=False):
+                flops = counted_flops(lambda: vae.decode_image(z))
                 extra: dict[str, Any] = {}
                 with peak_memory(extra):
                     times = cuda_times(decode, warmup=2, repeat=max(3, ctx.args.repeat // 2))
-                variant = (f"{str(dtype).removeprefix('torch.')}{' tf32' if tf32 else ''} "
-                           f"{'channels_last' if channels_last else 'NCHW'}")
-                ctx.rows.append(make_row("vae", f"VAE decode {side}px", variant, times, flops=flops,
-                                         peak_tflops=ctx.peak_tflops, **extra))
-        torch.backends.cudnn.allow_tf32 = False
-        if vae is not models.vae:
-            del vae
-            torch.cuda.empty_cache()
+                if side == largest and variant == "channels_last cudnn-benchmark" and models.device.type == "cuda":
+                    ctx.info[f"profile VAE decode {side}px {variant}"] = kernel_profile(decode, top=12)
+            ctx.rows.append(make_row("vae", f"VAE decode {side}px", f"{str(dtype).removeprefix('torch.')} {variant}",
+                                     times, flops=flops, peak_tflops=ctx.peak_tflops, **extra))
 
 
 def part_text(ctx: Context) -> None:
@@ -594,11 +631,15 @@ def part_e2e(ctx: Context) -> None:
     requests.append(("x2t 672x672, 64 tokens", GenerationRequest("x2t", QUESTION, image=test_image(),
                                                                   max_new_tokens=64)))
     config = models.mot.config
-    for variant in ("reference eager", "fast"):
-        engines = reference_engines(models) if variant == "reference eager" else fast_engines(models, ctx.fast)
+    bf16_images: dict[str, np.ndarray] = {}
+    for variant in ctx.args.e2e_variants:
+        engines = {"reference eager": lambda: reference_engines(models),
+                   "fast": lambda: fast_engines(models, ctx.fast),
+                   "fast fp8-gen": lambda: fast_engines(models, fp8_model(ctx))}[variant]()
         pipeline = LancePipeline(engines, host, device=models.device, dtype=models.dtype)
         for name, request in requests:
-            if variant == "reference eager" and request.task == "x2t" and not ctx.args.reference_x2t:
+            if request.task == "x2t" and (variant == "fast fp8-gen" or
+                                          variant == "reference eager" and not ctx.args.reference_x2t):
                 continue
             results = []
             extra: dict[str, Any] = {}
@@ -610,15 +651,26 @@ def part_e2e(ctx: Context) -> None:
             floor_ms = None
             if request.task == "t2i":
                 floor_ms = _t2i_floor_ms(ctx, config, request)
+                image = results[-1].image
+                if variant == "fast":
+                    bf16_images[name] = image
+                elif variant == "fast fp8-gen" and name in bf16_images:
+                    extra["psnr_vs_fast_bf16_db"] = psnr(image, bf16_images[name])
             else:
                 tokens = len(results[-1].token_ids or [])
                 extra["tokens"] = tokens
                 extra["decode_tokens_per_s"] = tokens / timings["decode_text"] if timings.get("decode_text") else None
             ctx.rows.append(make_row("e2e", name, variant, times, floor_ms=floor_ms, **extra))
         for runner in (engines.mot, engines.vit):
-            if isinstance(runner, (CudaMotRunner, GraphRunner)):
+            if isinstance(runner, (CudaMotRunner, CudaVitRunner)):
                 runner.clear()
         torch.cuda.empty_cache()
+
+
+def psnr(image: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images (inf when equal)."""
+    mse = float(((image.astype(np.float64) - reference.astype(np.float64)) ** 2).mean())
+    return 10 * math.log10(255.0**2 / mse) if mse > 0 else math.inf
 
 
 def _t2i_floor_ms(ctx: Context, config: LanceLLMConfig, request: GenerationRequest) -> float | None:
@@ -693,7 +745,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="VAE precision of the end-to-end rows (the one that passes gpu_check's gate)")
     parser.add_argument("--reference-x2t", action="store_true", help="also time x2t with the eager engines")
-    parser.add_argument("--variants", nargs="+", choices=sorted(DENOISE_VARIANTS), default=["compiled", "plain"],
+    parser.add_argument("--e2e-variants", nargs="+", choices=E2E_VARIANTS, default=list(E2E_VARIANTS),
+                        help="engine sets of the e2e part (the FP8 one runs t2i only)")
+    parser.add_argument("--variants", nargs="+", choices=sorted(DENOISE_VARIANTS), default=["compiled", "compiled-fp8"],
                         help="fast-path variants the denoise part times")
     parser.add_argument("--attention", choices=sorted(SDPA_CHOICES), default="default",
                         help="SDPA backend of the fast path outside the variants the denoise part compares")

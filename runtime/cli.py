@@ -52,6 +52,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", type=Path, help="engine folder (ONNX / plans) for the onnxruntime and tensorrt runners")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--fp8-gen", action="store_true",
+                   help="torch runner on CUDA: FP8 GEMMs for the gen expert (faster denoise, approximate)")
     add_generation_options(p)
 
     for name, (_, help_text) in _DELEGATED.items():
@@ -118,11 +120,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         request.validate()
         pipeline = LancePipeline.from_checkpoint(
             args.checkpoint, runner=args.runner, engine_dir=args.engines, device=args.device,
-            dtype=getattr(torch, args.dtype),
+            dtype=getattr(torch, args.dtype), fp8_gen=args.fp8_gen,
         )
         with progress_bar(request) as on_progress:
             result = pipeline.generate(request, on_progress=on_progress)
     except RequestError as err:
+        print(f"lance-trt: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:    # a runner/device/precision combination that cannot run
         print(f"lance-trt: {err}", file=sys.stderr)
         return 2
     if result.text is not None:

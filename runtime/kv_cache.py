@@ -25,10 +25,11 @@ class KVCache:
         return self.key.shape[2]
 
     def past(self, branches: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(past_key, past_value, past_len)`` for the branches in ``branches``, sliced to their longest context."""
+        """``(past_key, past_value, past_len)`` for the branches in ``branches``, sliced to their longest context.
+        ``past_len`` is a CPU tensor: the lengths are host data (the caller moves it where its engine reads it)."""
         lengths = self.lengths[branches]
         rows = max(lengths)
-        past_len = torch.tensor(lengths, dtype=torch.int64, device=self.key.device)
+        past_len = torch.tensor(lengths, dtype=torch.int64)
         return self.key[:, branches, :rows], self.value[:, branches, :rows], past_len
 
     def append(self, branches: slice, key: torch.Tensor, value: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ and runner. Upstream draws bf16 noise from a CUDA generator; that is the one del
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import sys
@@ -33,7 +34,7 @@ from runtime.contract import MAX_PROMPT_TOKENS, EngineSpec, torch_dtype
 from runtime.engines import Engines, Runner
 from runtime.kv_cache import KVCache
 from runtime.models.mot import LanceLLMConfig, latent_pos_table, mrope_cos_sin
-from runtime.models.vit import VisionConfig, vision_inputs
+from runtime.models.vit import VisionConfig, VisionInputs, vision_inputs
 from runtime.preprocess import load_image, to_uint8_image, vae_image_input, vit_image_input
 from runtime.request import Cancelled, GenerationRequest, GenerationResult, RequestError
 from runtime.scheduler import apply_cfg, cfg_active, euler_step, make_schedule
@@ -101,9 +102,11 @@ class LancePipeline:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, *, runner: str = "torch", engine_dir: str | Path | None = None,
-                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "LancePipeline":
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        fp8_gen: bool = False) -> "LancePipeline":
         """Load a checkpoint (folder in the HF layout or repo id) and build the engines of ``runner``: the PyTorch
-        modules for ``torch``, the graphs or plans in ``engine_dir`` otherwise (then only the host side is loaded)."""
+        modules for ``torch`` (the fast CUDA engines on a GPU, `runtime.engines.graphs.engines_for`), the graphs or
+        plans in ``engine_dir`` otherwise (then only the host side is loaded). ``fp8_gen``: see ``engines_for``."""
         from runtime.checkpoint import load_lance
         from runtime.contract import engine_specs
         from runtime.engines.graphs import engines_for
@@ -117,12 +120,13 @@ class LancePipeline:
                 pos_table=models.mot.latent_pos_embed.pos_embed.detach(),
             )
             specs = engine_specs(models.llm_config, models.vision_config, models.vae_config)
-            engines = engines_for(runner, models, specs=specs, precision=_precision(dtype))
+            engines = engines_for(runner, models, specs=specs, precision=_precision(dtype), fp8_gen=fp8_gen)
         else:
             if engine_dir is None:
                 raise ValueError(f"the {runner} runner needs --engines (a folder written by `lance-trt export`)")
             host, specs = load_host(checkpoint, device=device, dtype=dtype)
-            engines = engines_for(runner, Path(engine_dir), specs=specs, precision=_precision(dtype))
+            engines = engines_for(runner, Path(engine_dir), specs=specs, precision=_precision(dtype),
+                                  fp8_gen=fp8_gen)
         return cls(engines, host, device=device, dtype=dtype)
 
     # --- entry point ------------------------------------------------------------------------------------------------
@@ -207,14 +211,21 @@ class LancePipeline:
             raise RequestError("image", str(err)) from None
 
     def _infer(self, runner: Runner, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run an engine with every input cast to its contract dtype at this pipeline's precision."""
+        """Run an engine with every input cast to its contract dtype at this pipeline's precision, on the device
+        (the runner's host inputs on the CPU). Host-to-device copies do not wait for the device: the loop queues
+        its steps without synchronising."""
         precision = _precision(self.dtype)
         dtypes = {t.name: torch_dtype(t.dtype, precision) for t in runner.spec.inputs}
-        return runner.infer({name: value.to(self.device, dtypes[name]) for name, value in feed.items()})
+        cpu = torch.device("cpu")
+        placed = {}
+        for name, value in feed.items():
+            device = cpu if name in runner.host_inputs else self.device
+            placed[name] = value.to(device, dtypes[name], non_blocking=value.device == cpu and device != cpu)
+        return runner.infer(placed)
 
     def _vit(self, patches: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """ViT rows ``(1, P/4, D)`` of one image."""
-        feed = {**vision_inputs(grid, self.host.vision_config).engine_inputs(), "patches": patches}
+        feed = {**_vision_inputs(grid, self.host.vision_config).engine_inputs(), "patches": patches}
         (rows,) = self._infer(self.engines.vit, feed).values()
         return rows[None]
 
@@ -363,6 +374,13 @@ def load_host(checkpoint: str | Path, *, device: str | torch.device = "cpu",
                      vision_config=parts.vision_config, embed_weight=parts.embed_weight,
                      pos_table=pos_table.to(device=device, dtype=dtype))
     return host, engine_specs(cfg, parts.vision_config, parts.vae_config)
+
+
+@functools.lru_cache(maxsize=8)
+def _vision_inputs(grid: tuple[int, int, int], config: VisionConfig) -> VisionInputs:
+    """`vision_inputs` per grid, kept for the next request of the same bucket: its two ``(P, P)`` masks take tens of
+    milliseconds on the host at 672x672 (the engines never write their inputs)."""
+    return vision_inputs(grid, config)
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -3,31 +3,36 @@ per-branch unmasked attention and the masked decode layout compute the reference
 
 Every call kind of the pipeline is covered (CFG denoise query with unequal past lengths, text prefill, ViT block,
 decode with a stale cache tail, a latent-only block, a causal block that mixes experts), on a tiny model with random
-weights at unit gain where the und and gen experts differ; the fused-attention vision tower against the tower, and
+weights at unit gain where the und and gen experts differ; the FP8 gen expert against the exact step, and
 the benchmark script on tiny configs. The CUDA-only parts (graph capture and replay, compiled kernels, the Triton
 SwiGLU kernel) have tests that skip without CUDA; `runtime.gpu_check` checks the full-size model on a GPU.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from runtime.contract import engine_specs
 from runtime.engines import EngineError
 from runtime.engines.cuda import (
+    FP8_MAX,
     CudaMoT,
     CudaMotRunner,
+    Fp8Weight,
     GraphRunner,
     StepLayout,
     add_rms_norm,
     layout_of,
     qk_norm_rope_,
+    quantize_rows,
     rms_norm,
+    scaled_linear,
     silu_mul,
+    silu_mul_quantize,
 )
 from runtime.models.mot import LanceLLMConfig, LanceMoT, apply_rotary, mrope_cos_sin
 from runtime.models.vae import WanVAEConfig
@@ -189,33 +194,59 @@ def test_without_qk_norm(models) -> None:
         check(f"no qk-norm {name}", out, ref)
 
 
+def test_fp8_quantization_by_formula() -> None:
+    """Row-wise e4m3: each row's absolute maximum lands on 448 exactly, every element within e4m3's relative
+    rounding (3 mantissa bits: <= 2**-4 for normal values), zero rows stay zero (no NaN), and the scaled GEMM equals
+    the product of the dequantized operands."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 64, generator=g) * torch.logspace(-3, 3, 6)[:, None]
+    x[2] = 0
+    data, scale = quantize_rows(x)
+    assert data.dtype == torch.float8_e4m3fn and scale.shape == (6, 1)
+    assert torch.isfinite(data.float()).all() and torch.equal(data[2].float(), torch.zeros(64))
+    nonzero = [0, 1, 3, 4, 5]
+    assert torch.equal(data.float().abs().amax(-1)[nonzero], torch.full((5,), FP8_MAX))
+    restored = data.float() * scale
+    normal = (x / scale).abs() >= 2**-6            # e4m3's smallest normal; below it the step is absolute
+    assert ((restored - x).abs() <= 2**-4 * x.abs() + 1e-30)[normal].all()
+    weight, bias = torch.randn(32, 64, generator=g), torch.randn(32, generator=g)
+    w8 = Fp8Weight.quantize(weight)
+    assert w8.data.shape == (32, 64) and w8.scale.shape == (1, 32)
+    expected = restored @ (w8.data.float() * w8.scale.t()).t() + bias
+    compare("scaled_linear", scaled_linear(data, scale, w8, bias, torch.float32), expected, tol=1e-5)
+    gate_up = torch.randn(5, 2 * 48, generator=g)
+    fused, reference = silu_mul_quantize(gate_up), quantize_rows(silu_mul(gate_up))
+    assert torch.equal(fused[0].float(), reference[0].float()) and torch.equal(fused[1], reference[1])
+
+
+def test_fp8_gen_expert(models) -> None:
+    """`CudaMoT(fp8_gen=True)`: the gen expert's GEMMs in FP8 keep the velocity within the denoise gate of the exact
+    step (cosine >= 0.995, gpu_check's velocity gate; e4m3 rounds each operand by up to 2**-4), und-only calls (prefill, decode) are bit-identical to the unquantized fast path,
+    and the twin shares the und weights."""
+    reference, _, runner = models
+    fp8 = CudaMotRunner(runner.spec, runner.model.with_fp8_gen())
+    assert fp8.model.layers[0][0] is runner.model.layers[0][0]
+    assert isinstance(fp8.model.layers[0][1].down_weight, Fp8Weight)
+    inputs = feed(reference.config, seed=21, **CASES["denoise_cfg"])
+    with torch.no_grad():
+        _, expected, *_ = reference.step(*(inputs[t.name] for t in runner.spec.inputs))
+    velocity = fp8.infer(inputs)["velocity"]
+    assert torch.isfinite(velocity).all()
+    cosine = F.cosine_similarity(velocity.flatten(), expected.flatten(), dim=0).item()
+    print(f"fp8 gen velocity: cosine {cosine:.6f} vs the fp32 step")
+    assert cosine >= 0.995
+    for case in ("text_prefill", "decode"):
+        text = feed(reference.config, seed=22, **CASES[case])
+        for name, ours, plain in zip(runner.spec.output_names, fp8.infer(text).values(), runner.infer(text).values()):
+            assert torch.equal(ours, plain), f"{case} {name}: FP8 gen changed an und-only call"
+
+
 def test_bad_feed_is_refused(models) -> None:
     runner = models[2]
     inputs = feed(runner.model.config, seed=0, **CASES["vit_block"])
     del inputs["causal"]
     with pytest.raises(EngineError, match="causal"):
         runner.infer(inputs)
-
-
-def test_fused_attention_tower_matches_the_module() -> None:
-    """The ViT with 4-D SDPA attention computes the tower's function on the same (shared) weights."""
-    from runtime.engines.cuda import fused_attention_tower
-    from runtime.models.vit import Qwen25VisionTransformer, vision_inputs
-
-    config = VisionConfig.tiny(out_hidden_size=64)
-    vit = Qwen25VisionTransformer(config).eval()
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in vit.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if p.dim() == 1 and "norm" in name else
-                    torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-    tower = fused_attention_tower(vit)
-    assert tower.blocks[0].attn.qkv.weight.data_ptr() == vit.blocks[0].attn.qkv.weight.data_ptr()
-    assert vit.blocks[0].attn.attention is not tower.blocks[0].attn.attention
-    inputs = vision_inputs((1, 8, 12), config).engine_inputs()
-    patches = torch.randn(96, config.patch_dim, generator=g)
-    with torch.no_grad():
-        compare("fused attention tower", tower(patches, **inputs), vit(patches, **inputs), tol=1e-5)
 
 
 @NEEDS_CUDA
@@ -282,9 +313,11 @@ def test_benchmark_script_runs_tiny_on_cpu(tmp_path) -> None:
 
     out = tmp_path / "bench.json"
     assert bench_gpu_main(["--tiny", "--device", "cpu", "--parts", "denoise", "--sizes", "256", "--repeat", "1",
-                           "--variants", "plain", "--out", str(out)]) == 0
+                           "--variants", "plain", "plain-fp8", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert not result["failures"]
-    rows = {(r["name"], r["variant"]) for r in result["rows"]}
+    rows = {(r["name"], r["variant"]): r for r in result["rows"]}
     assert ("denoise forward 256px B=2", "fast (runner.infer)") in rows
     assert ("denoise forward 256px B=1", "reference eager") in rows
+    fp8 = rows[("denoise forward 256px B=2", "fast fp8-gen (runner.infer)")]
+    assert 0.99 <= fp8["extra"]["velocity_cosine_vs_bf16"] < 1

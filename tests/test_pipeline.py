@@ -120,3 +120,23 @@ def test_host_only_load_matches_the_full_load(tiny_checkpoint, torch_pipeline) -
     assert host.special == torch_pipeline.host.special and host.llm_config == torch_pipeline.host.llm_config
     assert {name: spec.digest() for name, spec in specs.items()} == {
         name: getattr(torch_pipeline.engines, name).spec.digest() for name in specs}
+
+
+def test_pipeline_on_the_fast_mot_runner(tiny_checkpoint, torch_pipeline) -> None:
+    """The pipeline over `CudaMotRunner` (its CPU path, fp32; the host inputs ``past_len`` and ``causal`` kept on the
+    CPU): t2i (CFG, both branches batched) and x2t equal the reference runner's."""
+    from runtime.checkpoint import load_lance
+    from runtime.engines import Engines
+    from runtime.engines.cuda import CudaMoT, CudaMotRunner
+    from runtime.pipeline import LancePipeline
+
+    models = load_lance(tiny_checkpoint, device="cpu", dtype=torch.float32)
+    reference = torch_pipeline.engines
+    runner = CudaMotRunner(reference.mot.spec, CudaMoT(models.mot))
+    fast = LancePipeline(Engines(mot=runner, vit=reference.vit, vae_encode=reference.vae_encode,
+                                 vae_decode=reference.vae_decode), torch_pipeline.host)
+    t2i = GenerationRequest("t2i", "a red cube", **SMALL, seed=3)
+    image, expected = fast.generate(t2i).image, torch_pipeline.generate(t2i).image
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1
+    x2t = GenerationRequest("x2t", "What is in the image?", image=png_bytes(), max_new_tokens=6)
+    assert fast.generate(x2t).token_ids == torch_pipeline.generate(x2t).token_ids

@@ -65,6 +65,12 @@ def test_engines_for_refuses_bad_arguments(engine_dir: Path, tiny_models: LanceM
         engines_for("onnxruntime", engine_dir)
     with pytest.raises(ValueError, match="no bf16 arithmetic"):
         engines_for("onnxruntime", engine_dir, specs=tiny_specs, precision="bf16")
+    with pytest.raises(ValueError, match="fast torch engines run on CUDA"):
+        engines_for("torch", tiny_models, fast=True)
+    with pytest.raises(ValueError, match="fp8_gen needs the fast torch engines"):
+        engines_for("torch", tiny_models, fp8_gen=True)
+    with pytest.raises(ValueError, match="the onnxruntime runner has its own"):
+        engines_for("onnxruntime", engine_dir, specs=tiny_specs, fp8_gen=True)
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed: the missing-TensorRT path cannot run")

@@ -23,6 +23,9 @@ class Runner(Protocol):
     """One engine behind the contract's tensor names."""
 
     spec: EngineSpec
+    host_inputs: tuple[str, ...]
+    """Inputs the runner reads on the host (call structure such as ``past_len``): callers pass them as CPU tensors,
+    so reading them costs no device synchronisation. Every other input is expected on the runner's device."""
 
     def infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the engine on ``feed`` (every input of ``spec`` by name); returns every output by name."""
@@ -32,6 +35,8 @@ class Runner(Protocol):
 class TorchRunner:
     """Runs an engine-shaped ``nn.Module`` (``runtime.engines.graphs``) whose forward takes the contract's inputs as
     keyword arguments and returns its outputs in contract order."""
+
+    host_inputs: tuple[str, ...] = ()
 
     def __init__(self, spec: EngineSpec, module: torch.nn.Module):
         self.spec = spec

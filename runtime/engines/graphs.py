@@ -82,6 +82,8 @@ def engines_for(
     precision: str = "fp32",
     threads: int | None = None,
     device: torch.device | str = "cuda",
+    fast: bool | None = None,
+    fp8_gen: bool = False,
 ) -> Engines:
     """The four runners of one backend, so a pipeline is built with ``--runner torch|onnxruntime|tensorrt`` without
     branching.
@@ -95,15 +97,30 @@ def engines_for(
         precision: ``"fp32"`` or ``"bf16"`` (engine folders); ONNX Runtime runs fp32 only.
         threads: ONNX Runtime intra-op threads (None: its default).
         device: the CUDA device of the TensorRT runners (the torch runner uses the models' device).
+        fast: torch runner only: the fast CUDA engines (`runtime.engines.cuda.cuda_engines`: fused weights, CUDA
+            graphs, compiled kernels) instead of the plain modules; None: fast where the models are on CUDA.
+        fp8_gen: fast engines only: FP8 GEMMs for the gen expert.
     Raises:
         ValueError: an unknown runner, a source of the wrong kind, missing ``specs``, bf16 with ONNX Runtime.
     """
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
+    if runner != "torch" and (fast or fp8_gen):
+        raise ValueError(f"fast and fp8_gen select PyTorch engines; the {runner} runner has its own")
     if runner == "torch":
         if isinstance(source, (str, Path)):
             raise ValueError("the torch runner needs loaded models (runtime.checkpoint.load_lance), not a folder")
         specs = specs or engine_specs(source.llm_config, source.vision_config, source.vae_config)
+        on_cuda = next(source.mot.parameters()).device.type == "cuda"
+        if fast if fast is not None else on_cuda:
+            if not on_cuda:
+                raise ValueError("the fast torch engines run on CUDA: load the models on a GPU")
+            from runtime.engines.cuda import CudaMoT, cuda_engines
+
+            mot = CudaMoT(source.mot, compile=True, fp8_gen=fp8_gen)
+            return cuda_engines(specs, mot, source.vit, source.vae)
+        if fp8_gen:
+            raise ValueError("fp8_gen needs the fast torch engines (CUDA)")
         modules = graph_modules(source)
         runners: dict[str, Runner] = {name: TorchRunner(specs[name], modules[name]) for name in ENGINES}
         return Engines(**runners)

@@ -38,6 +38,8 @@ class OrtRunner:
         EngineError: a missing file, a graph that does not load, or I/O that differs from the contract.
     """
 
+    host_inputs: tuple[str, ...] = ()
+
     def __init__(self, spec: EngineSpec, onnx_path: str | Path, *, threads: int | None = None) -> None:
         self.spec = spec
         self.path = Path(onnx_path)

@@ -35,6 +35,8 @@ class BlsRunner:
         timeout_us: BLS timeout in microseconds (0: none); a child that takes longer fails the call.
     """
 
+    host_inputs: tuple[str, ...] = ()
+
     def __init__(self, spec: EngineSpec, model_name: str, pb_utils: ModuleType, *, precision: str = "fp32",
                  device: torch.device | str = "cpu", timeout_us: int = 0) -> None:
         self.spec = spec

@@ -154,6 +154,8 @@ class TrtRunner:
         EngineError: TensorRT missing, a missing or mismatched plan/sidecar, I/O that differs from the contract.
     """
 
+    host_inputs: tuple[str, ...] = ()
+
     def __init__(self, spec: EngineSpec, plan_path: str | Path, *, device: torch.device | str = "cuda",
                  scratch: DeviceScratch | None = None) -> None:
         self.spec = spec
