@@ -67,11 +67,13 @@ logger = logging.getLogger(__name__)
 PARTS = ("peak", "sdpa", "denoise", "vit", "vae", "text", "e2e")
 SDPA_CHOICES = {"default": None, "cudnn": [SDPBackend.CUDNN_ATTENTION], "flash": [SDPBackend.FLASH_ATTENTION]}
 """``--attention``: the SDPA backends the fast path's unmasked attention may use (default: PyTorch's choice)."""
-DENOISE_VARIANTS = {"compiled": (True, "default", False), "compiled-cudnn": (True, "cudnn", False),
-                    "compiled-flash": (True, "flash", False), "plain": (False, "default", False),
-                    "compiled-fp8": (True, "default", True), "plain-fp8": (False, "default", True)}
-"""``--variants`` of the denoise part: (compiled element-wise kernels, attention backend, FP8 gen expert)."""
-E2E_VARIANTS = ("reference eager", "fast", "fast fp8-gen")
+DENOISE_VARIANTS = {"compiled": (True, "default", ""), "compiled-cudnn": (True, "cudnn", ""),
+                    "compiled-flash": (True, "flash", ""), "plain": (False, "default", ""),
+                    "compiled-fp8": (True, "default", "fp8-gen"), "plain-fp8": (False, "default", "fp8-gen"),
+                    "compiled-fp8-fast-accum": (True, "default", "fp8-gen-fast-accum")}
+"""``--variants`` of the denoise part: (compiled element-wise kernels, attention backend, FP8 gen expert: none,
+exact accumulation, Hopper's fast accumulation)."""
+E2E_VARIANTS = ("reference eager", "fast", "fast fp8-gen", "fast fp8-gen-fast-accum")
 PROMPT = "a red cube on a wooden table next to a glass of water, soft studio light, photorealistic"
 QUESTION = "What is in the image? Describe it in detail."
 
@@ -328,11 +330,11 @@ class Context:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def fp8_model(ctx: Context) -> CudaMoT:
-    """The fast model with the FP8 gen expert (quantized once, on first use)."""
+def fp8_model(ctx: Context, fast_accum: bool = False) -> CudaMoT:
+    """The fast model with the FP8 gen expert (quantized once, on first use; twins share the FP8 weights)."""
     if ctx.fast_fp8 is None:
         ctx.fast_fp8 = ctx.fast.with_fp8_gen()
-    return ctx.fast_fp8
+    return ctx.fast_fp8.with_fp8_gen(fast_accum) if fast_accum else ctx.fast_fp8
 
 
 def part_peak(ctx: Context) -> None:
@@ -436,11 +438,11 @@ def part_denoise(ctx: Context) -> None:
             name = f"denoise forward {side}px B={batch}"
             bf16_velocity = None
             for compile, attention, fp8 in (DENOISE_VARIANTS[v] for v in ctx.args.variants):
-                model = fp8_model(ctx) if fp8 else ctx.fast
+                model = fp8_model(ctx, fast_accum=fp8.endswith("fast-accum")) if fp8 else ctx.fast
                 model.set_compile(compile)
                 model.sdpa_backends = SDPA_CHOICES[attention]
                 variant = "fast" + (" compiled" if compile else "") + ("" if attention == "default" else
-                                                                       f" {attention}-attn") + (" fp8-gen" * fp8)
+                                                                       f" {attention}-attn") + (f" {fp8}" * bool(fp8))
                 runner = CudaMotRunner(models.specs["mot"], model)
                 try:
                     velocity = runner.infer(feed)["velocity"]
@@ -635,10 +637,11 @@ def part_e2e(ctx: Context) -> None:
     for variant in ctx.args.e2e_variants:
         engines = {"reference eager": lambda: reference_engines(models),
                    "fast": lambda: fast_engines(models, ctx.fast),
-                   "fast fp8-gen": lambda: fast_engines(models, fp8_model(ctx))}[variant]()
+                   "fast fp8-gen": lambda: fast_engines(models, fp8_model(ctx)),
+                   "fast fp8-gen-fast-accum": lambda: fast_engines(models, fp8_model(ctx, fast_accum=True))}[variant]()
         pipeline = LancePipeline(engines, host, device=models.device, dtype=models.dtype)
         for name, request in requests:
-            if request.task == "x2t" and (variant == "fast fp8-gen" or
+            if request.task == "x2t" and ("fp8" in variant or
                                           variant == "reference eager" and not ctx.args.reference_x2t):
                 continue
             results = []
@@ -654,7 +657,7 @@ def part_e2e(ctx: Context) -> None:
                 image = results[-1].image
                 if variant == "fast":
                     bf16_images[name] = image
-                elif variant == "fast fp8-gen" and name in bf16_images:
+                elif "fp8" in variant and name in bf16_images:
                     extra["psnr_vs_fast_bf16_db"] = psnr(image, bf16_images[name])
             else:
                 tokens = len(results[-1].token_ids or [])

@@ -13,7 +13,8 @@ cast), runs the same requests with the fast engines (`runtime.engines.cuda`) and
 | t2i end to end (30 steps, CFG 4.0, free running) | reported, not gated |
 
 It also compares the fast path with the bf16 eager reference in this process, which separates the fast path's own
-deviation from bf16 rounding. Exit status 0 when every gate passes, 1 otherwise; ``--out`` writes the JSON.
+deviation from bf16 rounding. ``--fp8-gen`` [``--fp8-fast-accum``] checks the fast path with the FP8 gen expert
+against the same gates. Exit status 0 when every gate passes, 1 otherwise; ``--out`` writes the JSON.
 """
 
 from __future__ import annotations
@@ -216,6 +217,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--attention", choices=sorted(SDPA_CHOICES), default="default",
                         help="SDPA backend of the fast path's unmasked attention")
+    parser.add_argument("--fp8-gen", action="store_true", help="check the fast path with the FP8 gen expert")
+    parser.add_argument("--fp8-fast-accum", action="store_true", help="with --fp8-gen: fast FP8 accumulation")
     parser.add_argument("--out", type=Path, help="JSON results file")
     parser.add_argument("--tiny", action="store_true", help="tiny configs (a smoke run of the script, CPU allowed)")
     parser.add_argument("--device", default="cuda")
@@ -241,7 +244,8 @@ def gpu_check_main(argv: Sequence[str]) -> int:
         ref = torch.load(path, weights_only=False)
     models = random_models(dtype=torch.bfloat16, device=device, seed=args.seed, tiny=args.tiny)
     fast = fast_engines(models, CudaMoT(models.mot, compile=args.compile and device.type == "cuda",
-                                        sdpa_backends=SDPA_CHOICES[args.attention]))
+                                        sdpa_backends=SDPA_CHOICES[args.attention], fp8_gen=args.fp8_gen,
+                                        fp8_fast_accum=args.fp8_fast_accum))
     _reset_peak(device)
     ours = run_workloads(models, fast, args)
     peak = _peak_gib(device)

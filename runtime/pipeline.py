@@ -103,10 +103,11 @@ class LancePipeline:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, *, runner: str = "torch", engine_dir: str | Path | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        fp8_gen: bool = False) -> "LancePipeline":
+                        fp8_gen: bool = False, fp8_fast_accum: bool = False) -> "LancePipeline":
         """Load a checkpoint (folder in the HF layout or repo id) and build the engines of ``runner``: the PyTorch
         modules for ``torch`` (the fast CUDA engines on a GPU, `runtime.engines.graphs.engines_for`), the graphs or
-        plans in ``engine_dir`` otherwise (then only the host side is loaded). ``fp8_gen``: see ``engines_for``."""
+        plans in ``engine_dir`` otherwise (then only the host side is loaded). ``fp8_gen``, ``fp8_fast_accum``: see
+        ``engines_for``."""
         from runtime.checkpoint import load_lance
         from runtime.contract import engine_specs
         from runtime.engines.graphs import engines_for
@@ -120,7 +121,8 @@ class LancePipeline:
                 pos_table=models.mot.latent_pos_embed.pos_embed.detach(),
             )
             specs = engine_specs(models.llm_config, models.vision_config, models.vae_config)
-            engines = engines_for(runner, models, specs=specs, precision=_precision(dtype), fp8_gen=fp8_gen)
+            engines = engines_for(runner, models, specs=specs, precision=_precision(dtype), fp8_gen=fp8_gen,
+                                  fp8_fast_accum=fp8_fast_accum)
         else:
             if engine_dir is None:
                 raise ValueError(f"the {runner} runner needs --engines (a folder written by `lance-trt export`)")

@@ -50,7 +50,7 @@ def test_imports_without_torch() -> None:
 def test_flags_match_lance_trt_run() -> None:
     from runtime.cli import _build_parser
 
-    run_only = {"--checkpoint", "--runner", "--engines", "--device", "--dtype", "--fp8-gen"}
+    run_only = {"--checkpoint", "--runner", "--engines", "--device", "--dtype", "--fp8-gen", "--fp8-fast-accum"}
     run_flags = _flags(_subparser(_build_parser(), "run")) - run_only
     for task in ("t2i", "x2t", "edit"):
         assert _flags(_subparser(build_parser(), task)) == run_flags == GENERATION_FLAGS

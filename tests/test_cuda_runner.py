@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.contract import engine_specs
+from runtime.contract import EngineSpec, engine_specs, torch_dtype
 from runtime.engines import EngineError
 from runtime.engines.cuda import (
     FP8_MAX,
@@ -41,6 +41,25 @@ from tests.parity import compare, randomize
 
 Z = 48
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+def _rowwise_scaled_mm_on(device: str) -> bool:
+    """Whether ``torch._scaled_mm`` takes row-wise scales on ``device`` (CUDA from sm89; the CPU from torch 2.12:
+    torch 2.11's CPU kernel takes per-tensor scales only)."""
+    if device == "cuda" and not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)):
+        return False
+    data = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(data, data.t(), scale_a=torch.ones(16, 1, device=device),
+                         scale_b=torch.ones(1, 16, device=device), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
+FP8_DEVICES = [pytest.param(device, marks=pytest.mark.skipif(
+    not _rowwise_scaled_mm_on(device), reason=f"torch._scaled_mm on {device} here takes no row-wise scales"))
+    for device in ("cpu", "cuda")]
 
 
 def random_model(config: LanceLLMConfig, seed: int) -> LanceMoT:
@@ -71,6 +90,11 @@ def feed(config: LanceLLMConfig, *, batch: int, head: int, latent: int, tail: in
         "past_len": torch.tensor(past_len, dtype=torch.int64),
         "causal": torch.tensor(causal),
     }
+
+
+def placed(spec: EngineSpec, inputs: dict[str, torch.Tensor], device: str, precision: str) -> dict[str, torch.Tensor]:
+    """A feed on ``device`` in the contract dtypes of ``precision``."""
+    return {name: t.to(device, torch_dtype(spec.tensor(name).dtype, precision)) for name, t in inputs.items()}
 
 
 def check(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
@@ -194,10 +218,11 @@ def test_without_qk_norm(models) -> None:
         check(f"no qk-norm {name}", out, ref)
 
 
-def test_fp8_quantization_by_formula() -> None:
+@pytest.mark.parametrize("device", FP8_DEVICES)
+def test_fp8_quantization_by_formula(device: str) -> None:
     """Row-wise e4m3: each row's absolute maximum lands on 448 exactly, every element within e4m3's relative
     rounding (3 mantissa bits: <= 2**-4 for normal values), zero rows stay zero (no NaN), and the scaled GEMM equals
-    the product of the dequantized operands."""
+    the product of the dequantized operands (on CUDA with a bf16 output, as `CudaMoT` runs it)."""
     g = torch.Generator().manual_seed(11)
     x = torch.randn(6, 64, generator=g) * torch.logspace(-3, 3, 6)[:, None]
     x[2] = 0
@@ -213,30 +238,40 @@ def test_fp8_quantization_by_formula() -> None:
     w8 = Fp8Weight.quantize(weight)
     assert w8.data.shape == (32, 64) and w8.scale.shape == (1, 32)
     expected = restored @ (w8.data.float() * w8.scale.t()).t() + bias
-    compare("scaled_linear", scaled_linear(data, scale, w8, bias, torch.float32), expected, tol=1e-5)
+    out_dtype = torch.bfloat16 if device == "cuda" else torch.float32     # CUDA's row-wise kernel writes bf16
+    on = {"device": device}
+    w8_on = Fp8Weight(w8.data.to(**on), w8.scale.to(**on))
+    out = scaled_linear(data.to(**on), scale.to(**on), w8_on, bias.to(out_dtype).to(**on), out_dtype)
+    compare(f"scaled_linear {device}", out.float().cpu(), expected, tol=1e-5 if device == "cpu" else 1e-2)
     gate_up = torch.randn(5, 2 * 48, generator=g)
     fused, reference = silu_mul_quantize(gate_up), quantize_rows(silu_mul(gate_up))
     assert torch.equal(fused[0].float(), reference[0].float()) and torch.equal(fused[1], reference[1])
 
 
-def test_fp8_gen_expert(models) -> None:
+@pytest.mark.parametrize("device", FP8_DEVICES)
+def test_fp8_gen_expert(models, device: str) -> None:
     """`CudaMoT(fp8_gen=True)`: the gen expert's GEMMs in FP8 keep the velocity within the denoise gate of the exact
-    step (cosine >= 0.995, gpu_check's velocity gate; e4m3 rounds each operand by up to 2**-4), und-only calls (prefill, decode) are bit-identical to the unquantized fast path,
-    and the twin shares the und weights."""
+    fp32 step (cosine >= 0.995, gpu_check's velocity gate; e4m3 rounds each operand by up to 2**-4; on CUDA the model
+    runs in bf16), und-only calls (prefill, decode) are bit-identical to the unquantized fast path, and the twin
+    shares the und weights."""
     reference, _, runner = models
-    fp8 = CudaMotRunner(runner.spec, runner.model.with_fp8_gen())
+    if device == "cuda":
+        fused = random_model(reference.config, seed=0).to("cuda", torch.bfloat16)
+        runner = CudaMotRunner(runner.spec, CudaMoT(fused), graphs=False)
+    fp8 = CudaMotRunner(runner.spec, runner.model.with_fp8_gen(), graphs=False)
     assert fp8.model.layers[0][0] is runner.model.layers[0][0]
     assert isinstance(fp8.model.layers[0][1].down_weight, Fp8Weight)
     inputs = feed(reference.config, seed=21, **CASES["denoise_cfg"])
     with torch.no_grad():
         _, expected, *_ = reference.step(*(inputs[t.name] for t in runner.spec.inputs))
-    velocity = fp8.infer(inputs)["velocity"]
+    precision = "bf16" if device == "cuda" else "fp32"
+    velocity = fp8.infer(placed(runner.spec, inputs, device, precision))["velocity"].float().cpu()
     assert torch.isfinite(velocity).all()
     cosine = F.cosine_similarity(velocity.flatten(), expected.flatten(), dim=0).item()
     print(f"fp8 gen velocity: cosine {cosine:.6f} vs the fp32 step")
     assert cosine >= 0.995
     for case in ("text_prefill", "decode"):
-        text = feed(reference.config, seed=22, **CASES[case])
+        text = placed(runner.spec, feed(reference.config, seed=22, **CASES[case]), device, precision)
         for name, ours, plain in zip(runner.spec.output_names, fp8.infer(text).values(), runner.infer(text).values()):
             assert torch.equal(ours, plain), f"{case} {name}: FP8 gen changed an und-only call"
 
@@ -312,12 +347,14 @@ def test_benchmark_script_runs_tiny_on_cpu(tmp_path) -> None:
     from runtime.bench_gpu import bench_gpu_main
 
     out = tmp_path / "bench.json"
+    fp8 = _rowwise_scaled_mm_on("cpu")
     assert bench_gpu_main(["--tiny", "--device", "cpu", "--parts", "denoise", "--sizes", "256", "--repeat", "1",
-                           "--variants", "plain", "plain-fp8", "--out", str(out)]) == 0
+                           "--variants", "plain", *["plain-fp8"] * fp8, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert not result["failures"]
     rows = {(r["name"], r["variant"]): r for r in result["rows"]}
     assert ("denoise forward 256px B=2", "fast (runner.infer)") in rows
     assert ("denoise forward 256px B=1", "reference eager") in rows
-    fp8 = rows[("denoise forward 256px B=2", "fast fp8-gen (runner.infer)")]
-    assert 0.99 <= fp8["extra"]["velocity_cosine_vs_bf16"] < 1
+    if fp8:
+        row = rows[("denoise forward 256px B=2", "fast fp8-gen (runner.infer)")]
+        assert 0.99 <= row["extra"]["velocity_cosine_vs_bf16"] < 1

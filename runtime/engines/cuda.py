@@ -171,18 +171,20 @@ class Fp8Weight:
 
 
 def scaled_linear(data: torch.Tensor, scale: torch.Tensor, weight: Fp8Weight, bias: torch.Tensor | None,
-                  out_dtype: torch.dtype) -> torch.Tensor:
+                  out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
     """An FP8 GEMM with row-wise scales: ``(data * scale) @ (weight.data * weight.scale.T).T + bias``.
 
     Args:
         data, scale: ``(rows, K)`` float8_e4m3fn and ``(rows, 1)`` fp32 (`quantize_rows`).
         weight: ``(N, K)`` `Fp8Weight`.
         bias: ``(N,)`` in ``out_dtype``, or None.
+        fast_accum: Hopper's fast FP8 accumulation (partial sums kept in the tensor cores' reduced precision,
+            not promoted to fp32 every few steps): faster, less exact.
     Returns:
-        ``(rows, N)`` in ``out_dtype``, accumulated in fp32.
+        ``(rows, N)`` in ``out_dtype``, accumulated in fp32 (or fast, above).
     """
     return torch._scaled_mm(data, weight.data.t(), scale_a=scale, scale_b=weight.scale, bias=bias,
-                            out_dtype=out_dtype)
+                            out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 if triton is not None:
@@ -509,10 +511,11 @@ class CudaMoT:
         fp8_gen: run the gen expert's projections and MLP as FP8 GEMMs (`Fp8Weight`: e4m3, a scale per weight row
             and per activation row; accumulation in fp32). The gen rows carry nearly all of a denoise step's FLOPs;
             the und expert (text, decode) stays in the compute dtype. Holds an FP8 copy of the gen weights.
+        fp8_fast_accum: with ``fp8_gen``, Hopper's fast FP8 accumulation (`scaled_linear`).
     """
 
-    def __init__(self, mot: LanceMoT, *, compile: bool = False,
-                 sdpa_backends: Sequence[SDPBackend] | None = None, fp8_gen: bool = False) -> None:
+    def __init__(self, mot: LanceMoT, *, compile: bool = False, sdpa_backends: Sequence[SDPBackend] | None = None,
+                 fp8_gen: bool = False, fp8_fast_accum: bool = False) -> None:
         self.mot = mot
         self.config = config = mot.config
         self.dtype = mot.vae2llm.weight.dtype
@@ -523,20 +526,25 @@ class CudaMoT:
         stack = mot.language_model.model
         self.layers = [(_fuse_expert(layer, gen=False), _fuse_expert(layer, gen=True)) for layer in stack.layers]
         self.fp8_gen = False
+        self.fp8_fast_accum = False
+        if fp8_fast_accum and not fp8_gen:
+            raise ValueError("fp8_fast_accum needs fp8_gen")
         if fp8_gen:
             self.layers = self.with_fp8_gen().layers
-            self.fp8_gen = True
+            self.fp8_gen, self.fp8_fast_accum = True, fp8_fast_accum
         self.final_norm = stack.norm.weight.detach()
         self.final_norm_gen = stack.norm_moe_gen.weight.detach()
-        logger.info("CudaMoT: %d layers fused on %s (%s), compile=%s, fp8_gen=%s", len(self.layers), self.device,
-                    self.dtype, compile, fp8_gen)
+        logger.info("CudaMoT: %d layers fused on %s (%s), compile=%s, fp8_gen=%s (fast accumulation %s)",
+                    len(self.layers), self.device, self.dtype, compile, fp8_gen, fp8_fast_accum)
 
-    def with_fp8_gen(self) -> "CudaMoT":
-        """A twin whose gen expert runs FP8 GEMMs; it shares this model's und weights, norms and kernels."""
+    def with_fp8_gen(self, fast_accum: bool = False) -> "CudaMoT":
+        """A twin whose gen expert runs FP8 GEMMs (with Hopper's fast accumulation if ``fast_accum``); it shares this
+        model's und weights, norms and kernels, and its FP8 weights if it has them."""
         twin = copy.copy(self)
         twin.layers = [(und, gen if isinstance(gen.qkv_weight, Fp8Weight) else gen.quantized())
                        for und, gen in self.layers]
         twin.fp8_gen = True
+        twin.fp8_fast_accum = fast_accum
         return twin
 
     def set_compile(self, compile: bool) -> None:
@@ -606,14 +614,15 @@ class CudaMoT:
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight.T + bias``; an `Fp8Weight` quantizes ``x`` per row first."""
         if isinstance(weight, Fp8Weight):
-            return scaled_linear(*self.kernels.quantize_rows(x), weight, bias, x.dtype)
+            return scaled_linear(*self.kernels.quantize_rows(x), weight, bias, x.dtype, self.fp8_fast_accum)
         return F.linear(x, weight, bias)
 
     def _mlp(self, normed: torch.Tensor, expert: FusedExpert) -> torch.Tensor:
         """SwiGLU MLP on fused gate/up; in FP8 the SwiGLU product is quantized in the same pass."""
         gate_up = self._linear(normed, expert.gate_up_weight)
         if isinstance(expert.down_weight, Fp8Weight):
-            return scaled_linear(*self.kernels.silu_mul_quantize(gate_up), expert.down_weight, None, normed.dtype)
+            return scaled_linear(*self.kernels.silu_mul_quantize(gate_up), expert.down_weight, None, normed.dtype,
+                                 self.fp8_fast_accum)
         return F.linear(self.kernels.silu_mul(gate_up), expert.down_weight)
 
     def _output_projection(self, attended: list[torch.Tensor], group: _Group,

@@ -84,6 +84,7 @@ def engines_for(
     device: torch.device | str = "cuda",
     fast: bool | None = None,
     fp8_gen: bool = False,
+    fp8_fast_accum: bool = False,
 ) -> Engines:
     """The four runners of one backend, so a pipeline is built with ``--runner torch|onnxruntime|tensorrt`` without
     branching.
@@ -100,12 +101,13 @@ def engines_for(
         fast: torch runner only: the fast CUDA engines (`runtime.engines.cuda.cuda_engines`: fused weights, CUDA
             graphs, compiled kernels) instead of the plain modules; None: fast where the models are on CUDA.
         fp8_gen: fast engines only: FP8 GEMMs for the gen expert.
+        fp8_fast_accum: with ``fp8_gen``, Hopper's fast FP8 accumulation.
     Raises:
         ValueError: an unknown runner, a source of the wrong kind, missing ``specs``, bf16 with ONNX Runtime.
     """
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
-    if runner != "torch" and (fast or fp8_gen):
+    if runner != "torch" and (fast or fp8_gen or fp8_fast_accum):
         raise ValueError(f"fast and fp8_gen select PyTorch engines; the {runner} runner has its own")
     if runner == "torch":
         if isinstance(source, (str, Path)):
@@ -117,9 +119,9 @@ def engines_for(
                 raise ValueError("the fast torch engines run on CUDA: load the models on a GPU")
             from runtime.engines.cuda import CudaMoT, cuda_engines
 
-            mot = CudaMoT(source.mot, compile=True, fp8_gen=fp8_gen)
+            mot = CudaMoT(source.mot, compile=True, fp8_gen=fp8_gen, fp8_fast_accum=fp8_fast_accum)
             return cuda_engines(specs, mot, source.vit, source.vae)
-        if fp8_gen:
+        if fp8_gen or fp8_fast_accum:
             raise ValueError("fp8_gen needs the fast torch engines (CUDA)")
         modules = graph_modules(source)
         runners: dict[str, Runner] = {name: TorchRunner(specs[name], modules[name]) for name in ENGINES}
