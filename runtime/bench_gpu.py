@@ -52,7 +52,7 @@ from runtime import constants
 from runtime.checkpoint import parameters_on_meta
 from runtime.contract import EngineSpec, engine_specs
 from runtime.engines import Engines, Runner, TorchRunner
-from runtime.engines.cuda import CudaMoT, CudaMotRunner, GraphRunner, cuda_engines
+from runtime.engines.cuda import CudaMoT, CudaMotRunner, cuda_engines
 from runtime.engines.cuda_vit import CudaVisionTower, CudaVitRunner
 from runtime.engines.graphs import VaeDecodeGraph, VaeEncodeGraph
 from runtime.models.mot import LanceLLMConfig, LanceMoT
@@ -578,7 +578,7 @@ def part_text(ctx: Context) -> None:
     """Prefill calls recorded from a t2i and an x2t request, then AR decode through the runner."""
     models, config = ctx.models, ctx.models.mot.config
     recorder = Recorder(CudaMotRunner(models.specs["mot"], ctx.fast, graphs=False))
-    engines = Engines(mot=recorder, vit=GraphRunner(models.specs["vit"], models.vit), vae_encode=None,
+    engines = Engines(mot=recorder, vit=TorchRunner(models.specs["vit"], models.vit), vae_encode=None,
                       vae_decode=None)
     pipeline = LancePipeline(engines, models.host(), device=models.device, dtype=models.dtype)
     pipeline.generate(GenerationRequest("x2t", QUESTION, image=test_image(), max_new_tokens=2))

@@ -23,7 +23,6 @@ from runtime.engines.cuda import (
     CudaMoT,
     CudaMotRunner,
     Fp8Weight,
-    GraphRunner,
     StepLayout,
     add_rms_norm,
     layout_of,
@@ -303,28 +302,6 @@ def test_graph_replay_matches_eager_on_cuda(compile: bool) -> None:
             for name, ref, out in zip(spec.output_names, expected, runner.infer(inputs).values()):
                 check(f"{case} graph step {step} {name}", out, ref, tol=1e-4)
     assert runner.num_graphs == 2
-
-
-@NEEDS_CUDA
-def test_graph_runner_replays_module_on_cuda() -> None:
-    from runtime.contract import DType, EngineSpec, Profile, TensorSpec
-
-    spec = EngineSpec("lin", (TensorSpec("x", DType.FP32, ("N", 8), "in"),),
-                      (TensorSpec("y", DType.FP32, ("N", 4), "out"),), (Profile("p", {"N": (1, 2, 4)}),))
-
-    class Lin(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.proj = torch.nn.Linear(8, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.proj(x)
-
-    module = Lin().cuda()
-    runner = GraphRunner(spec, module)
-    for seed in range(3):
-        x = torch.randn(2, 8, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
-        compare(f"graph runner {seed}", runner.infer({"x": x})["y"], module(x).detach(), tol=1e-6)
 
 
 @NEEDS_CUDA

@@ -2,8 +2,8 @@
 
 `CudaMoT` re-packs a loaded `LanceMoT` (one ``qkv`` matrix and bias per expert and layer, one ``gate_up`` matrix per
 MLP) and runs `LanceMoT.step`'s math on it; `CudaMotRunner` serves it behind the ``mot`` contract (`Runner`), replaying
-CUDA graphs for calls whose shapes repeat (every denoise step, every decoded token). `GraphRunner` does the same for
-any engine-shaped module; `cuda_engines` assembles the fast engine set (the vision tower's is in ``cuda_vit``).
+CUDA graphs for calls whose shapes repeat (every denoise step, every decoded token), captured through `GraphCapture`;
+`cuda_engines` assembles the fast engine set (the vision tower's is in ``cuda_vit``).
 
 Layout. The rows of a call are held per expert, each contiguous across the batch: gen rows ``(B * Lg, D)`` and und
 rows ``(B * Lu, D)`` (``Lu = Lh + Lt``, head rows then tail rows), so every projection is one GEMM per expert whatever
@@ -32,7 +32,7 @@ import copy
 import functools
 import logging
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -704,6 +704,40 @@ class CudaMoT:
 
 # --- Runners -------------------------------------------------------------------------------------------------------
 
+T = TypeVar("T")
+
+
+class GraphCapture:
+    """The memory pool and side stream a runner captures its CUDA graphs with.
+
+    Args:
+        device: the CUDA device.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device)
+
+    def capture(self, run: Callable[[], T]) -> tuple[T, torch.cuda.CUDAGraph, T]:
+        """Run ``run`` once on the side stream as the warm-up (compilation, allocator, cuBLAS handles), then capture
+        it into a graph of the shared pool. Capture records kernels without running them, so whatever the warm-up
+        wrote (its outputs, a workspace) still holds the warm-up's values afterwards.
+
+        Returns:
+            the warm-up's result, the graph, and the result tensors the graph writes on each replay.
+        """
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            warm = run()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+                captured = run()
+        current.wait_stream(self.stream)
+        return warm, graph, captured
+
+
 _STEP_INPUTS = ("und_head", "latents", "timestep", "latent_pos", "und_tail", "cos", "sin", "past_len")
 """Contract inputs `CudaMoT.forward` reads (the past goes into the workspace; ``causal`` is in the layout)."""
 
@@ -743,8 +777,7 @@ class CudaMotRunner:
         self.graphs = graphs and model.device.type == "cuda"
         self._captured: dict[tuple, _CapturedStep] = {}
         self._seen: set[tuple] = set()
-        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
-        self._stream = torch.cuda.Stream(model.device) if self.graphs else None
+        self._graphs = GraphCapture(model.device) if self.graphs else None
 
     @property
     def num_graphs(self) -> int:
@@ -790,20 +823,13 @@ class CudaMotRunner:
         """Warm up on the runner's side stream (this call's result), then capture the same call."""
         inputs = {name: value.clone() for name, value in self._on_device(feed).items()}
         workspace = self.model.new_workspace(layout)
-        stream, current = self._stream, torch.cuda.current_stream(self.model.device)
-        stream.wait_stream(current)
-        with torch.cuda.stream(stream):
-            workspace.load_past(layout, feed["past_key"], feed["past_value"])
-            warm_logits, warm_velocity = self.model.forward(layout, inputs, workspace)
-            key, value = workspace.block_rows(layout)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                logits, velocity = self.model.forward(layout, inputs, workspace)
-        current.wait_stream(stream)
+        workspace.load_past(layout, feed["past_key"], feed["past_value"])
+        (warm_logits, warm_velocity), graph, (logits, velocity) = self._graphs.capture(
+            lambda: self.model.forward(layout, inputs, workspace))
         self._captured[layout.graph_key] = _CapturedStep(graph, inputs, workspace, logits, velocity)
         logger.debug("mot: captured a CUDA graph for %s (%d graphs)", layout.graph_key, len(self._captured))
-        return {"logits": warm_logits.clone(), "velocity": warm_velocity.clone(), "key": key.clone(),
-                "value": value.clone()}
+        # The workspace holds the warm-up's block rows: capturing ran no kernel.
+        return self._outputs(layout, warm_logits.clone(), warm_velocity.clone(), workspace)
 
     def _replay(self, captured: _CapturedStep, layout: StepLayout,
                 feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -812,64 +838,6 @@ class CudaMotRunner:
         captured.workspace.load_past(layout, feed["past_key"], feed["past_value"])
         captured.graph.replay()
         return self._outputs(layout, captured.logits.clone(), captured.velocity.clone(), captured.workspace)
-
-
-class GraphRunner:
-    """`Runner` of any engine-shaped module (``runtime.engines.graphs``) that replays one CUDA graph per set of
-    input shapes and dtypes; off CUDA it runs the module as `TorchRunner` does. Outputs are new tensors.
-
-    The first call of a shape runs as the warm-up of its capture. Suits engines whose shapes come from a small set
-    (the ViT at a bucket size, the VAE decoder at an output size): each graph keeps its activations' memory.
-    """
-
-    host_inputs: tuple[str, ...] = ()
-
-    def __init__(self, spec: EngineSpec, module: nn.Module) -> None:
-        self.spec = spec
-        self.module = module
-        self._captured: dict[tuple, tuple[dict[str, torch.Tensor], torch.cuda.CUDAGraph, tuple]] = {}
-        self._pool = None
-        self._stream: torch.cuda.Stream | None = None
-
-    def clear(self) -> None:
-        self._captured.clear()
-
-    @torch.inference_mode()
-    def infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        check_feed(self.spec, feed)
-        tensors = [feed[name] for name in self.spec.input_names]
-        if any(t.device.type != "cuda" for t in tensors):
-            return dict(zip(self.spec.output_names, _as_tuple(self.module(**feed))))
-        key = tuple((tuple(t.shape), t.dtype) for t in tensors)
-        captured = self._captured.get(key)
-        if captured is None:
-            return self._capture(key, feed)
-        inputs, graph, outputs = captured
-        for name, buffer in inputs.items():
-            buffer.copy_(feed[name])
-        graph.replay()
-        return {name: out.clone() for name, out in zip(self.spec.output_names, outputs)}
-
-    def _capture(self, key: tuple, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        device = feed[self.spec.input_names[0]].device
-        if self._stream is None:
-            self._stream, self._pool = torch.cuda.Stream(device), torch.cuda.graph_pool_handle()
-        inputs = {name: feed[name].clone() for name in self.spec.input_names}
-        stream, current = self._stream, torch.cuda.current_stream(device)
-        stream.wait_stream(current)
-        with torch.cuda.stream(stream):
-            warm = _as_tuple(self.module(**inputs))
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                outputs = _as_tuple(self.module(**inputs))
-        current.wait_stream(stream)
-        self._captured[key] = (inputs, graph, outputs)
-        logger.debug("%s: captured a CUDA graph for %s", self.spec.name, key)
-        return {name: out.clone() for name, out in zip(self.spec.output_names, warm)}
-
-
-def _as_tuple(outputs: torch.Tensor | Iterable[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    return (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
 
 
 def cuda_engines(specs: Mapping[str, EngineSpec], mot: CudaMoT, vit: Qwen25VisionTransformer,

@@ -35,7 +35,7 @@ from torch import nn
 
 from runtime.contract import EngineSpec
 from runtime.engines import EngineError, check_feed
-from runtime.engines.cuda import add_rms_norm, rms_norm, silu_mul
+from runtime.engines.cuda import GraphCapture, add_rms_norm, rms_norm, silu_mul
 from runtime.models.vit import Qwen25VisionMLP, Qwen25VisionTransformer, VisionConfig, apply_rotary
 
 logger = logging.getLogger(__name__)
@@ -424,8 +424,7 @@ class CudaVitRunner:
         (self._output_name,) = spec.output_names
         self._layouts: dict[tuple[tuple[int, ...], tuple[int, ...]], SegmentLayout] = {}
         self._captured: dict[tuple, _CapturedTower] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
-        self._stream = torch.cuda.Stream(tower.device) if self.graphs else None
+        self._graphs = GraphCapture(tower.device) if self.graphs else None
 
     @property
     def num_graphs(self) -> int:
@@ -476,14 +475,7 @@ class CudaVitRunner:
     def _capture(self, key: tuple, layout: SegmentLayout, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Warm up on the side stream (this call's result, and any compilation), then capture the same call."""
         inputs = {name: value.clone() for name, value in self._on_device(feed).items()}
-        stream, current = self._stream, torch.cuda.current_stream(self.tower.device)
-        stream.wait_stream(current)
-        with torch.cuda.stream(stream):
-            warm = self.tower.forward(layout, **inputs)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                output = self.tower.forward(layout, **inputs)
-        current.wait_stream(stream)
+        warm, graph, output = self._graphs.capture(lambda: self.tower.forward(layout, **inputs))
         self._captured[key] = _CapturedTower(graph, layout, inputs, output)
         logger.debug("vit: captured a CUDA graph for %d rows, %d window and %d frame segments (%d graphs)",
                      sum(layout.window_lengths), len(layout.window_lengths), len(layout.frame_lengths),
