@@ -707,6 +707,20 @@ class CudaMoT:
 T = TypeVar("T")
 
 
+def inputs_on(device: torch.device, feed: Mapping[str, torch.Tensor], names: Sequence[str], *,
+              copy: bool = False) -> dict[str, torch.Tensor]:
+    """``feed``'s tensors ``names`` on ``device``; host tensors go without waiting for the device (a pageable source
+    is staged before the call returns, so the caller may reuse it). ``copy``: new tensors even for those already
+    there (a graph's own input buffers)."""
+    return {name: feed[name].to(device, non_blocking=feed[name].device.type == "cpu", copy=copy) for name in names}
+
+
+def copy_inputs(buffers: Mapping[str, torch.Tensor], feed: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``feed``'s tensors into a graph's input ``buffers`` of the same names, as `inputs_on` moves them."""
+    for name, buffer in buffers.items():
+        buffer.copy_(feed[name], non_blocking=feed[name].device.type == "cpu")
+
+
 class GraphCapture:
     """The memory pool and side stream a runner captures its CUDA graphs with.
 
@@ -805,13 +819,8 @@ class CudaMotRunner:
         self._seen.add(key)
         workspace = self.model.new_workspace(layout)
         workspace.load_past(layout, feed["past_key"], feed["past_value"])
-        logits, velocity = self.model.forward(layout, self._on_device(feed), workspace)
+        logits, velocity = self.model.forward(layout, inputs_on(self.model.device, feed, _STEP_INPUTS), workspace)
         return self._outputs(layout, logits, velocity, workspace)
-
-    def _on_device(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The step's inputs on the model's device; host inputs are copied without waiting for the device."""
-        device = self.model.device
-        return {name: feed[name].to(device, non_blocking=feed[name].device.type == "cpu") for name in _STEP_INPUTS}
 
     @staticmethod
     def _outputs(layout: StepLayout, logits: torch.Tensor, velocity: torch.Tensor,
@@ -821,7 +830,7 @@ class CudaMotRunner:
 
     def _capture(self, layout: StepLayout, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Warm up on the runner's side stream (this call's result), then capture the same call."""
-        inputs = {name: value.clone() for name, value in self._on_device(feed).items()}
+        inputs = inputs_on(self.model.device, feed, _STEP_INPUTS, copy=True)
         workspace = self.model.new_workspace(layout)
         workspace.load_past(layout, feed["past_key"], feed["past_value"])
         (warm_logits, warm_velocity), graph, (logits, velocity) = self._graphs.capture(
@@ -833,8 +842,7 @@ class CudaMotRunner:
 
     def _replay(self, captured: _CapturedStep, layout: StepLayout,
                 feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        for name, buffer in captured.inputs.items():
-            buffer.copy_(feed[name], non_blocking=feed[name].device.type == "cpu")
+        copy_inputs(captured.inputs, feed)
         captured.workspace.load_past(layout, feed["past_key"], feed["past_value"])
         captured.graph.replay()
         return self._outputs(layout, captured.logits.clone(), captured.velocity.clone(), captured.workspace)

@@ -35,7 +35,7 @@ from torch import nn
 
 from runtime.contract import EngineSpec
 from runtime.engines import EngineError, check_feed
-from runtime.engines.cuda import GraphCapture, add_rms_norm, rms_norm, silu_mul
+from runtime.engines.cuda import GraphCapture, add_rms_norm, copy_inputs, inputs_on, rms_norm, silu_mul
 from runtime.models.vit import Qwen25VisionMLP, Qwen25VisionTransformer, VisionConfig, apply_rotary
 
 logger = logging.getLogger(__name__)
@@ -440,13 +440,12 @@ class CudaVitRunner:
         check_feed(self.spec, feed)
         layout = self._layout(feed)
         if not self.graphs:
-            return {self._output_name: self.tower.forward(layout, **self._on_device(feed))}
+            return {self._output_name: self.tower.forward(layout, **inputs_on(self.tower.device, feed, _TOWER_INPUTS))}
         key = (layout, tuple((tuple(feed[name].shape), feed[name].dtype) for name in _TOWER_INPUTS))
         captured = self._captured.get(key)
         if captured is None:
             return self._capture(key, layout, feed)
-        for name, buffer in captured.inputs.items():
-            buffer.copy_(feed[name], non_blocking=feed[name].device.type == "cpu")
+        copy_inputs(captured.inputs, feed)
         captured.graph.replay()
         return {self._output_name: captured.output.clone()}
 
@@ -467,14 +466,9 @@ class CudaVitRunner:
             layout = self._layouts[lengths] = SegmentLayout.build(*lengths, self.tower.device)
         return layout
 
-    def _on_device(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The tower's tensor inputs on its device; host tensors are copied without waiting for the device."""
-        device = self.tower.device
-        return {name: feed[name].to(device, non_blocking=feed[name].device.type == "cpu") for name in _TOWER_INPUTS}
-
     def _capture(self, key: tuple, layout: SegmentLayout, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Warm up on the side stream (this call's result, and any compilation), then capture the same call."""
-        inputs = {name: value.clone() for name, value in self._on_device(feed).items()}
+        inputs = inputs_on(self.tower.device, feed, _TOWER_INPUTS, copy=True)
         warm, graph, output = self._graphs.capture(lambda: self.tower.forward(layout, **inputs))
         self._captured[key] = _CapturedTower(graph, layout, inputs, output)
         logger.debug("vit: captured a CUDA graph for %d rows, %d window and %d frame segments (%d graphs)",
