@@ -1,7 +1,7 @@
 """The cost of serving through Triton, tiny model on CPU: the Triton path against the in-process pipeline on the same
 ONNX graphs and runner (ONNX Runtime, fp32).
 
-Run as ``lance-trt bench triton [options]`` (or ``python benchmarks/bls_overhead.py``). It writes (or reuses) a tiny
+Run as ``lance-trt bench triton [options]`` (or ``python -m benchmarks.bls_overhead``). It writes (or reuses) a tiny
 checkpoint and its fp32 export under ``--work``, fills a repository there, starts tritonserver with the CPU configs,
 and then alternates requests between the in-process `LancePipeline` and the server (the server idles while the local
 pipeline runs: both share the same cores). Measured per run, medians reported:
@@ -12,7 +12,8 @@ pipeline runs: both share the same cores). Measured per run, medians reported:
 * one AR token (x2t): the ``decode_text`` stage / tokens, and the client-side interval as for the steps;
 * each request end to end (``generate`` vs the client's wall time).
 
-The table goes to stdout, the figures to ``--json`` (default ``benchmarks/bls_overhead.json``).
+The table goes to stdout, the figures to ``--json`` (default ``WORK/bls_overhead.json``; the committed figures are
+``benchmarks/bls_overhead.json``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
-HERE = Path(__file__).resolve().parent
 
 
 def _mean_interval(times: Sequence[float]) -> float:
@@ -51,7 +50,7 @@ class _StreamRequest:
     def __init__(self, url: str, tensors: dict[str, np.ndarray]) -> None:
         import tritonclient.grpc as grpcclient
 
-        from runtime.request import wire_dtype
+        from runtime.spec.request import wire_dtype
 
         self._grpc = grpcclient
         self.events: queue.Queue = queue.Queue()
@@ -137,8 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=32, help="x2t max_new_tokens (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=10, help="measured runs per path (default: %(default)s)")
-    parser.add_argument("--json", type=Path, default=HERE / "bls_overhead.json", help="result file")
+    parser.add_argument("--json", type=Path, help="result file (default: WORK/bls_overhead.json)")
     args = parser.parse_args(argv)
+    args.json = args.json or args.work / "bls_overhead.json"
     if (args.checkpoint is None) != (args.engines is None):
         parser.error("--checkpoint and --engines go together")
 
@@ -147,9 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from export.onnx_export import export_cached
     from runtime.demo import EXPORT_GROUPS, tiny_checkpoint
     from runtime.pipeline import LancePipeline
-    from runtime.request import GenerationRequest, request_to_tensors
-    from runtime.serve import ServerOptions, TritonServer
-    from runtime.triton_repo import ServingTarget, write_repository
+    from runtime.spec.request import GenerationRequest, request_to_tensors
+    from runtime.serving.server import ServerOptions, TritonServer
+    from runtime.serving.repository import ServingTarget, write_repository
 
     args.work.mkdir(parents=True, exist_ok=True)
     checkpoint = args.checkpoint or tiny_checkpoint(args.work / "ckpt")

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from export.onnx_export import export_models
-from runtime.contract import ENGINES, engine_specs
-from runtime.engines.graphs import VaeDecodeGraph, VaeEncodeGraph
+from runtime.spec.contract import ENGINES, engine_specs
+from runtime.runners.graphs import VaeDecodeGraph, VaeEncodeGraph
 from runtime.models.mot import LanceLLMConfig, LanceMoT
 from runtime.models.vae import WanVAE, WanVAEConfig
 from runtime.models.vit import Qwen25VisionTransformer, VisionConfig

@@ -3,7 +3,7 @@
 TensorRT's Python API, written against 10.x and 11.x: a strongly typed network (precision lives in the graph; TensorRT
 11 knows no other mode), ``OnnxParser.parse_from_file`` (so external weights load beside the graph), one optimization
 profile per contract profile, builder optimization level, optional timing cache, ``build_serialized_network``. Each
-plan gets a sidecar (``runtime.engines.trt.Sidecar``: TensorRT version, GPU and compute capability, precision,
+plan gets a sidecar (``runtime.runners.trt.Sidecar``: TensorRT version, GPU and compute capability, precision,
 profile shapes, flags, ONNX and contract hashes) that ``TrtRunner`` checks before it loads the plan.
 
 The contract comes from the graph itself (``export.onnx_export.read_graph``), so a build needs no checkpoint.
@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Sequence
 
 from export.onnx_export import ExportError, file_sha256, read_graph
-from runtime.contract import ENGINES, EngineSpec
-from runtime.engines import EngineError
-from runtime.engines.trt import SIDECAR_SUFFIX, Sidecar, gpu_identity, import_tensorrt
+from runtime.spec.contract import ENGINES, PRECISIONS, EngineSpec
+from runtime.runners import EngineError
+from runtime.runners.trt import SIDECAR_SUFFIX, Sidecar, gpu_identity, import_tensorrt
 
 logger = logging.getLogger(__name__)
 
@@ -183,11 +183,33 @@ def build_engine(plan: BuildPlan) -> Sidecar:
     return sidecar
 
 
+def exported_precisions(engine_dir: Path) -> list[str]:
+    """The precisions whose folder in ``engine_dir`` holds at least one exported graph, in `PRECISIONS` order."""
+    return [p for p in PRECISIONS if any((engine_dir / p).glob("*.onnx"))]
+
+
+def _build_folder(folder: Path, precision: str, engines: Sequence[str], args: argparse.Namespace,
+                  workspace: int | None) -> None:
+    """Plan (and unless ``--dry-run``, build) every engine of one precision folder."""
+    plans = [plan_build(folder / f"{e}.onnx", opt_level=args.opt_level, timing_cache=args.timing_cache,
+                        workspace=workspace) for e in engines]
+    wrong = [str(p.onnx) for p in plans if p.precision != precision]
+    if wrong:
+        raise BuildError(f"{', '.join(wrong)}: not {precision} graphs (their metadata says otherwise)")
+    for plan in plans:
+        print(plan.render())
+        if not args.dry_run:
+            build_engine(plan)
+            print(f"wrote {plan.plan} and {plan.sidecar}")
+
+
 def build_main(argv: Sequence[str] | None = None) -> int:
-    """``lance-trt build ENGINE_DIR [--precision bf16|fp32] [--dry-run] [--timing-cache F] [--engines ...]``."""
+    """``lance-trt build ENGINE_DIR [--precision fp32|bf16 ...] [--dry-run] [--timing-cache F] [--engines ...]``:
+    plans for every precision folder that ``export`` (or ``demo``) wrote, unless ``--precision`` names some."""
     parser = argparse.ArgumentParser(prog="lance-trt build", description="build TensorRT plans from exported graphs")
     parser.add_argument("engine_dir", type=Path, help="engine folder written by lance-trt export")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--precision", choices=PRECISIONS, nargs="+",
+                        help="precisions to build (default: every <precision>/ folder of ENGINE_DIR holding graphs)")
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {', '.join(ENGINES)}")
     parser.add_argument("--dry-run", action="store_true", help="print the profiles and flags; TensorRT not needed")
     parser.add_argument("--timing-cache", type=Path, help="timing cache file to read and update (dev builds only: "
@@ -201,25 +223,24 @@ def build_main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"lance-trt build: --engines: unknown {unknown}; choose from {', '.join(ENGINES)}", file=sys.stderr)
         return 2
-    folder = args.engine_dir / args.precision
-    missing = [str(folder / f"{e}.onnx") for e in engines if not (folder / f"{e}.onnx").is_file()]
-    if missing:
-        print(f"lance-trt build: missing {', '.join(missing)}; run lance-trt export first", file=sys.stderr)
+    precisions = args.precision or exported_precisions(args.engine_dir)
+    if not precisions:
+        print(f"lance-trt build: {args.engine_dir} holds no exported graphs (<precision>/<engine>.onnx); run "
+              f"lance-trt export --checkpoint DIR --out {args.engine_dir} first", file=sys.stderr)
         return 2
+    for precision in precisions:
+        folder = args.engine_dir / precision
+        missing = [str(folder / f"{e}.onnx") for e in engines if not (folder / f"{e}.onnx").is_file()]
+        if missing:
+            print(f"lance-trt build: missing {', '.join(missing)}; run lance-trt export --precision {precision} "
+                  f"--out {args.engine_dir} first", file=sys.stderr)
+            return 2
     workspace = None if args.workspace_gib is None else int(args.workspace_gib * 2**30)
     try:
         if not args.dry_run:
             import_tensorrt()       # say why in one line before doing anything else
-        plans = [plan_build(folder / f"{e}.onnx", opt_level=args.opt_level, timing_cache=args.timing_cache,
-                            workspace=workspace) for e in engines]
-        wrong = [str(p.onnx) for p in plans if p.precision != args.precision]
-        if wrong:
-            raise BuildError(f"{', '.join(wrong)}: not {args.precision} graphs (their metadata says otherwise)")
-        for plan in plans:
-            print(plan.render())
-            if not args.dry_run:
-                build_engine(plan)
-                print(f"wrote {plan.plan} and {plan.sidecar}")
+        for precision in precisions:
+            _build_folder(args.engine_dir / precision, precision, engines, args, workspace)
     except (BuildError, EngineError) as err:
         print(f"lance-trt build: {err}", file=sys.stderr)
         return 1

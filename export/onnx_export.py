@@ -1,6 +1,6 @@
-"""`lance-trt export`: the engine modules of ``runtime.engines.graphs`` -> ``ENGINE_DIR/<precision>/<engine>.onnx``.
+"""`lance-trt export`: the engine modules of ``runtime.runners.graphs`` -> ``ENGINE_DIR/<precision>/<engine>.onnx``.
 
-Every name, dynamic axis and sample input comes from ``runtime.contract``. One export per engine and precision:
+Every name, dynamic axis and sample input comes from ``runtime.spec.contract``. One export per engine and precision:
 
 1. ``torch.onnx.export(dynamo=True)`` at opset `OPSET` with the contract's named ``Dim``s, traced on
    ``contract.export_dims`` sample inputs (the exporter's own optimizer off: the passes below run instead, logged);
@@ -44,7 +44,7 @@ from onnx_ir.passes import common as ir_passes
 from onnxscript.rewriter.rules.common import slice_split_rule
 from torch import nn
 
-from runtime.contract import (
+from runtime.spec.contract import (
     ENGINES,
     META_CONTRACT,
     META_ENGINE,
@@ -295,7 +295,7 @@ def export_engine(spec: EngineSpec, module: nn.Module, precision: str, out_dir: 
 
     Args:
         spec: the engine's contract.
-        module: its engine-shaped module (``runtime.engines.graphs``), weights in ``precision``.
+        module: its engine-shaped module (``runtime.runners.graphs``), weights in ``precision``.
         precision: ``"fp32"`` or ``"bf16"``: the dtype of the ``FLOAT`` tensors of the sample inputs.
         out_dir: folder for ``<engine>.onnx`` (+ ``.onnx.data``); created if needed.
         source: where the weights came from (recorded in the graph's metadata).
@@ -354,7 +354,7 @@ def export_models(
     `FP32_ENGINES` keep fp32 weights, and their fp32 files are copied when this call exported them already.
 
     Args:
-        modules: engine modules by name (``runtime.engines.graphs.graph_modules``), fp32 weights.
+        modules: engine modules by name (``runtime.runners.graphs.graph_modules``), fp32 weights.
         specs: the contract per engine.
         out_dir: the engine folder.
         precisions: any of ``("fp32", "bf16")``.
@@ -399,10 +399,10 @@ def _copy_export(report: ExportReport, folder: Path, precision: str) -> ExportRe
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, precisions: Sequence[str] = ("fp32",),
                       engines: Iterable[str] = ENGINES) -> list[ExportReport]:
-    """Load a checkpoint in fp32 (``runtime.checkpoint.load_lance``) and export its engines."""
-    from runtime.checkpoint import load_lance
-    from runtime.contract import engine_specs
-    from runtime.engines.graphs import graph_modules
+    """Load a checkpoint in fp32 (``runtime.models.checkpoint.load_lance``) and export its engines."""
+    from runtime.models.checkpoint import load_lance
+    from runtime.spec.contract import engine_specs
+    from runtime.runners.graphs import graph_modules
 
     models = load_lance(checkpoint, device="cpu", dtype=torch.float32)
     specs = engine_specs(models.llm_config, models.vision_config, models.vae_config)
@@ -440,8 +440,8 @@ def read_graph(path: str | Path) -> GraphInfo:
 
 def _source_digest(checkpoint: Path) -> str:
     """Hash of everything an export depends on: checkpoint files, the exporting code, library versions."""
-    import runtime.contract
-    import runtime.engines.graphs
+    import runtime.spec.contract
+    import runtime.runners.graphs
     import runtime.models.mot
     import runtime.models.vae
     import runtime.models.vit
@@ -449,7 +449,7 @@ def _source_digest(checkpoint: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(checkpoint)).encode() + file_sha256(path).encode())
-    for module in (runtime.contract, runtime.engines.graphs, runtime.models.mot, runtime.models.vae,
+    for module in (runtime.spec.contract, runtime.runners.graphs, runtime.models.mot, runtime.models.vae,
                    runtime.models.vit, sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(f"{torch.__version__} {onnx.__version__} {onnxscript.__version__}".encode())
@@ -506,12 +506,11 @@ def _prune(root: Path) -> None:
 def _export_in_processes(checkpoint: Path, out_dir: Path, precisions: Sequence[str],
                          groups: Sequence[Sequence[str]]) -> None:
     """Run one ``lance-trt export`` process per group of engines, concurrently, into ``out_dir``."""
-    precision = precisions[0] if len(precisions) == 1 else "both"
     code = "import sys; from export.onnx_export import export_main; sys.exit(export_main(sys.argv[1:]))"
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH"))))}
     jobs = [subprocess.Popen([sys.executable, "-c", code, "--checkpoint", str(checkpoint), "--out", str(out_dir),
-                              "--precision", precision, "--engines", ",".join(group)],
+                              "--precision", *precisions, "--engines", ",".join(group)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             for group in groups]
     failures = []
@@ -527,14 +526,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lance-trt export", description="export the engines to ONNX")
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (HF layout) or HF repo id")
     parser.add_argument("--out", required=True, type=Path, help="engine folder: writes <precision>/<engine>.onnx")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
+    parser.add_argument("--precision", choices=PRECISIONS, nargs="+", default=list(PRECISIONS),
+                        help="graph precisions to export (default: %(default)s)")
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help=f"comma-separated subset of {', '.join(ENGINES)}")
     return parser
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:
-    """``lance-trt export --checkpoint DIR --out ENGINE_DIR [--precision fp32|bf16|both] [--engines ...]``."""
+    """``lance-trt export --checkpoint DIR --out ENGINE_DIR [--precision fp32|bf16 ...] [--engines ...]``."""
     args = _parser().parse_args(argv)
     for chatty in ("onnx_ir", "onnxscript"):
         # Their INFO lines name every folded constant and deduplicated initializer; the pass summaries are ours.
@@ -544,7 +544,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"lance-trt export: --engines: unknown {unknown}; choose from {', '.join(ENGINES)}", file=sys.stderr)
         return 2
-    precisions = PRECISIONS if args.precision == "both" else (args.precision,)
+    precisions = tuple(p for p in PRECISIONS if p in args.precision)
     try:
         reports = export_checkpoint(args.checkpoint, args.out, precisions, engines)
     except ExportError as err:

@@ -1,8 +1,9 @@
 """`lance-trt`: the command line of the deployment package.
 
-Subcommands: `download`, `tiny`, `run` (the PyTorch / ONNX Runtime / TensorRT pipeline in-process), and the
-deployment steps `export`, `check-onnx`, `build`, `repo`, `serve`, `demo`, `bench`, each owned by its module (the
-module's `*_main(argv)` parses its own flags). Results go to files or stdout; progress and logs go to stderr.
+Subcommands: `download`, `tiny`, `run` (every registered task on the PyTorch / ONNX Runtime / TensorRT pipeline
+in-process), and the deployment steps `export`, `check-onnx`, `build`, `repo`, `serve`, `demo`, with `bench` and
+`gpu-check`, each owned by its module (the module's `*_main(argv)` parses its own flags). Results go to files or
+stdout; progress and logs go to stderr.
 """
 
 from __future__ import annotations
@@ -12,22 +13,11 @@ import logging
 import sys
 from pathlib import Path
 
-from runtime import constants
+from runtime.spec import constants, registry
+from runtime.spec.contract import PRECISIONS
+from runtime.spec.flags import add_generation_options
 
 log = logging.getLogger("lance_trt")
-
-
-def add_generation_options(parser: argparse.ArgumentParser) -> None:
-    """The generation flags shared by `lance-trt run` and `lance-client` (same names, same defaults)."""
-    parser.add_argument("--prompt", required=True, help="prompt (t2i), question (x2t) or instruction (edit)")
-    parser.add_argument("--image", type=Path, help="input image (x2t, edit)")
-    parser.add_argument("--height", type=int, default=constants.DEFAULT_HEIGHT)
-    parser.add_argument("--width", type=int, default=constants.DEFAULT_WIDTH)
-    parser.add_argument("--steps", type=int, default=constants.DEFAULT_STEPS)
-    parser.add_argument("--cfg-scale", type=float, default=constants.DEFAULT_CFG_SCALE)
-    parser.add_argument("--seed", type=int, default=constants.DEFAULT_SEED)
-    parser.add_argument("--max-new-tokens", type=int, default=constants.DEFAULT_MAX_NEW_TOKENS)
-    parser.add_argument("-o", "--output", type=Path, help="output PNG (t2i, edit)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -45,13 +35,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--video", action="store_true", help="add Lance_3B_Video/")
 
+    from runtime.runners.factory import RUNNERS
+
     p = sub.add_parser("run", help="run a task in-process")
-    p.add_argument("task", choices=("t2i", "x2t", "edit"))
+    p.add_argument("task", choices=tuple(registry.TASKS),
+                   help="; ".join(f"{task.name}: {task.summary}" for task in registry.TASKS.values()))
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (HF layout) or HF repo id")
-    p.add_argument("--runner", choices=("torch", "onnxruntime", "tensorrt"), default="torch")
+    p.add_argument("--runner", choices=RUNNERS, default=RUNNERS[0])
     p.add_argument("--engines", type=Path, help="engine folder (ONNX / plans) for the onnxruntime and tensorrt runners")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="compute precision: fp32, or bf16 (GPU; the bf16/ graphs or plans of --engines)")
     p.add_argument("--fp8-gen", action="store_true",
                    help="torch runner on CUDA: FP8 GEMMs for the gen expert (faster denoise, approximate)")
     p.add_argument("--fp8-fast-accum", action="store_true",
@@ -68,10 +62,12 @@ _DELEGATED = {
     "export": ("export.onnx_export:export_main", "export the engines of a checkpoint to ONNX (fp32 and bf16)"),
     "check-onnx": ("export.check_onnx:check_onnx_main", "check ONNX graphs against the TensorRT 10.5 parser"),
     "build": ("export.build:build_main", "build TensorRT plans with the contract's profiles"),
-    "repo": ("runtime.triton_repo:repo_main", "install engines into a Triton model repository"),
-    "serve": ("runtime.serve:serve_main", "serve a Triton model repository with tritonserver"),
+    "repo": ("runtime.serving.repository:repo_main", "install engines into a Triton model repository"),
+    "serve": ("runtime.serving.server:serve_main", "serve a Triton model repository with tritonserver"),
     "demo": ("runtime.demo:demo_main", "tiny checkpoint -> ONNX -> repository -> tritonserver -> gRPC, on CPU"),
-    "bench": ("runtime.bench:bench_main", "benchmark the runners (GPU) and the Triton path (CPU)"),
+    # The benchmarks are their own top layer, outside the product's import graph: loaded only for these two.
+    "bench": ("benchmarks.cli:bench_main", "benchmark the runners (GPU) and the Triton path (CPU)"),
+    "gpu-check": ("benchmarks.gpu_check:gpu_check_main", "fast GPU engines against the fp32 reference, with gates"),
 }
 
 
@@ -84,7 +80,7 @@ def _delegate(name: str, argv: list[str]) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from runtime.checkpoint import download
+    from runtime.models.checkpoint import download
 
     path = download(args.dir, repo_id=args.repo_id, video=args.video)
     print(path)
@@ -92,7 +88,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
-    from runtime.tiny import write_tiny_checkpoint
+    from runtime.models.tiny import write_tiny_checkpoint
 
     write_tiny_checkpoint(args.dir, seed=args.seed, video=args.video)
     print(args.dir)
@@ -100,11 +96,11 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import torch
     from PIL import Image
 
     from runtime.pipeline import LancePipeline, progress_bar
-    from runtime.request import GenerationRequest, RequestError
+    from runtime.pipeline.core import PRECISION_DTYPES
+    from runtime.spec.request import GenerationRequest, RequestError
 
     try:
         image = args.image.read_bytes() if args.image is not None else None
@@ -115,14 +111,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         task=args.task, prompt=args.prompt, image=image, height=args.height, width=args.width, steps=args.steps,
         seed=args.seed, cfg_scale=args.cfg_scale, max_new_tokens=args.max_new_tokens,
     )
-    if args.task != "x2t" and args.output is None:
-        print("lance-trt: -o/--output: required for t2i and edit", file=sys.stderr)
+    if registry.TASKS[args.task].output != "text" and args.output is None:
+        images = " and ".join(name for name, task in registry.TASKS.items() if task.output != "text")
+        print(f"lance-trt: -o/--output: required for {images}", file=sys.stderr)
         return 2
     try:
         request.validate()
         pipeline = LancePipeline.from_checkpoint(
             args.checkpoint, runner=args.runner, engine_dir=args.engines, device=args.device,
-            dtype=getattr(torch, args.dtype), fp8_gen=args.fp8_gen, fp8_fast_accum=args.fp8_fast_accum,
+            dtype=PRECISION_DTYPES[args.precision], fp8_gen=args.fp8_gen, fp8_fast_accum=args.fp8_fast_accum,
         )
         with progress_bar(request) as on_progress:
             result = pipeline.generate(request, on_progress=on_progress)

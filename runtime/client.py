@@ -32,16 +32,24 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from runtime import contract
-from runtime.cli import add_generation_options  # a stdlib-only module: keeps the client free of torch
-from runtime.request import GenerationRequest, GenerationResult, ProgressCallback, request_to_tensors, wire_dtype
-from runtime.serve import DEFAULT_GRPC_PORT, LANCE_MODEL
+from runtime.spec import registry
+from runtime.spec.flags import add_task_subcommands, check_task_arguments
+from runtime.spec.endpoints import DEFAULT_GRPC_PORT, LANCE_MODEL
+from runtime.spec.request import (
+    LANCE_OUTPUTS,
+    GenerationRequest,
+    GenerationResult,
+    ProgressCallback,
+    by_name,
+    request_to_tensors,
+    wire_dtype,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = f"localhost:{DEFAULT_GRPC_PORT}"
 DEFAULT_TIMEOUT_S = 1800.0
-_OUTPUTS = contract.by_name(contract.LANCE_OUTPUTS)
+_OUTPUTS = by_name(LANCE_OUTPUTS)
 # Measured on Triton 2.51: a request refused by a full queue arrives on the stream as a bare message, without a code
 # even with the triton_grpc_error header; the same refusal on a unary call is UNAVAILABLE.
 _QUEUE_FULL = "Exceeds maximum queue size"
@@ -103,9 +111,9 @@ class LanceClient:
         """Run one request and wait for its result.
 
         Args:
-            task: one of ``contract.TASKS``.
+            task: one of ``registry.TASKS``.
             prompt: prompt, question or instruction.
-            image: encoded PNG/JPEG bytes, or a path to such a file (x2t, edit).
+            image: encoded PNG/JPEG bytes, or a path to such a file (the tasks whose `registry.Task.media` has it).
             height, width, steps, seed, cfg_scale, max_new_tokens: generation options; None leaves the server's
                 default (upstream's).
             on_progress: called with (done, total) for every progress response.
@@ -190,7 +198,7 @@ class LanceClient:
         finally:
             # Cancel only a request that may still run (Ctrl-C, a raising callback, no answer in time). Cancelling a
             # stream whose request was refused by a full queue makes Triton 2.51 keep the model referenced: its
-            # graceful shutdown then waits out --exit-timeout-secs (see runtime.serve).
+            # graceful shutdown then waits out --exit-timeout-secs (see runtime.serving.server).
             client.stop_stream(cancel_requests=not settled)
             client.close()
         if image is None and text is None:
@@ -215,15 +223,13 @@ def _decode_text(array: np.ndarray) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """`lance-client {t2i,x2t,edit}` with the generation flags of `lance-trt run` (same names, same defaults)."""
+    """`lance-client TASK`, a subcommand per registered task, with the generation flags of `lance-trt run`."""
     parser = argparse.ArgumentParser(prog="lance-client", description="Generate with a Lance Triton server.")
     parser.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC endpoint host:port (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                         help="seconds for the whole request (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
-    for task, help_text in zip(contract.TASKS, ("text to image", "image to text (answer on stdout)", "image edit")):
-        add_generation_options(tasks.add_parser(task, help=help_text))
+    add_task_subcommands(parser)
     return parser
 
 
@@ -231,16 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     """0 on success, 1 when the server refuses or fails the request, 2 for bad arguments, 130 on Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.task in ("x2t", "edit") and args.image is None:
-        parser.error(f"--image is required for {args.task}")
-    if args.task != "x2t" and args.output is None:
-        parser.error(f"-o/--output is required for {args.task}")
+    check_task_arguments(parser, args)
     if args.image is not None and not args.image.is_file():
         parser.error(f"--image: {args.image} is not a readable file")
 
     from tqdm import tqdm
 
-    unit = "token" if args.task == "x2t" else "step"
+    unit = "token" if registry.TASKS[args.task].output == "text" else "step"
     with tqdm(total=None, unit=unit, file=sys.stderr, disable=args.quiet, dynamic_ncols=True) as bar:
 
         def on_progress(done: int, total: int) -> None:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from runtime.serve import ServerOptions, ServerStartError, TritonNotFoundError, TritonServer
+from runtime.serving.server import ServerOptions, ServerStartError, TritonNotFoundError, TritonServer
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def _step(message: str) -> float:
 
 def tiny_checkpoint(path: Path) -> Path:
     """A tiny random checkpoint (seed 0) at ``path``, written once and reused."""
-    from runtime.tiny import write_tiny_checkpoint
+    from runtime.models.tiny import write_tiny_checkpoint
 
     if not (path / _CHECKPOINT_STAMP).exists():
         write_tiny_checkpoint(path, seed=0)
@@ -87,7 +87,7 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     """`lance-trt demo`: 0 when all three requests succeeded; 1 when a step failed (its message on stderr)."""
     from export.onnx_export import ExportError, export_cached
     from runtime.client import LanceClientError
-    from runtime.triton_repo import RepoError, ServingTarget, write_repository
+    from runtime.serving.repository import RepoError, ServingTarget, write_repository
 
     parser = build_parser()
     args = parser.parse_args(argv)

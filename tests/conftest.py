@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from export.onnx_export import export_cached
-from runtime.checkpoint import LanceModels, load_lance
-from runtime.contract import PRECISIONS, EngineSpec, engine_specs
+from runtime.models.checkpoint import LanceModels, load_lance
+from runtime.spec.contract import PRECISIONS, EngineSpec, engine_specs
 from runtime.demo import EXPORT_GROUPS
 
 torch.set_num_threads(2)
@@ -39,7 +39,7 @@ def tiny_specs(tiny_models: LanceModels) -> dict[str, EngineSpec]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Lance checkpoint (seed 0) in the HF layout."""
-    from runtime.tiny import write_tiny_checkpoint
+    from runtime.models.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=0)
 

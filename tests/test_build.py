@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from export.build import BuildError, build_main, plan_build
-from runtime.contract import ENGINES, EngineSpec
+from runtime.spec.contract import ENGINES, EngineSpec
 
 HAS_TENSORRT = find_spec("tensorrt") is not None
 
@@ -41,7 +41,8 @@ def test_dry_run_options(engine_dir: Path, tmp_path: Path, capsys: pytest.Captur
     assert build_main([str(engine_dir), "--dry-run", "--engines", "vit", "--timing-cache", str(cache),
                        "--opt-level", "5", "--workspace-gib", "2"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("vit (bf16):") and "mot (bf16)" not in out
+    # No --precision: every precision folder that export wrote, in order.
+    assert out.startswith("vit (fp32):") and "vit (bf16):" in out and "mot (" not in out
     assert f"timing cache: {cache}; workspace: {2 * 2**30} bytes" in out
     assert "builder_optimization_level=5" in out
     assert not cache.exists()
@@ -50,14 +51,26 @@ def test_dry_run_options(engine_dir: Path, tmp_path: Path, capsys: pytest.Captur
 def test_refuses_missing_and_mislabelled_graphs(engine_dir: Path, tmp_path: Path,  # noqa: F811
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     assert build_main([str(tmp_path), "--dry-run"]) == 2
+    assert "holds no exported graphs" in capsys.readouterr().err
+    assert build_main([str(tmp_path), "--dry-run", "--precision", "bf16"]) == 2
     err = capsys.readouterr().err
-    assert f"missing {tmp_path / 'bf16' / 'vit.onnx'}" in err and "run lance-trt export first" in err
+    assert f"missing {tmp_path / 'bf16' / 'vit.onnx'}" in err and "run lance-trt export --precision bf16" in err
     (tmp_path / "bf16").mkdir()
     shutil.copy(engine_dir / "fp32" / "vit.onnx", tmp_path / "bf16" / "vit.onnx")
     assert build_main([str(tmp_path), "--dry-run", "--engines", "vit"]) == 1
     assert "vit.onnx: not bf16 graphs" in capsys.readouterr().err
     assert build_main([str(engine_dir), "--dry-run", "--engines", "vit,unet"]) == 2
     assert "unknown ['unet']" in capsys.readouterr().err
+
+
+def test_builds_what_demo_exported(engine_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo exports fp32 only: build then plans fp32, where it used to look for bf16 graphs."""
+    (tmp_path / "fp32").mkdir()
+    for graph in (engine_dir / "fp32").glob("*.onnx*"):
+        (tmp_path / "fp32" / graph.name).symlink_to(graph)
+    assert build_main([str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "vit (fp32):" in out and "(bf16)" not in out
 
 
 def test_plan_build_needs_contract_metadata(tmp_path: Path) -> None:
@@ -88,7 +101,7 @@ def test_build_writes_plan_and_sidecar(engine_dir: Path, tiny_specs: dict[str, E
 
     if not torch.cuda.is_available():
         pytest.skip("TensorRT is installed but no CUDA device is visible")
-    from runtime.engines.trt import Sidecar
+    from runtime.runners.trt import Sidecar
 
     shutil.copytree(engine_dir / "fp32", tmp_path / "fp32")
     assert build_main([str(tmp_path), "--precision", "fp32", "--timing-cache", str(tmp_path / "cache")]) == 0

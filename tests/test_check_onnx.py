@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 from export.check_onnx import check_graph, check_onnx_main
 from export.ops_tensorrt_10_5 import CORRECTIONS, DELTAS, OPERATORS, OPSET_RANGE, SOURCE
-from runtime.contract import ENGINES, PRECISIONS
+from runtime.spec.contract import ENGINES, PRECISIONS
 
 
 def test_table_is_the_recorded_release() -> None:

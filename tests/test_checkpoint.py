@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from runtime import constants
-from runtime.checkpoint import (
+from runtime.spec import constants
+from runtime.models.checkpoint import (
     CheckpointError,
     CheckpointLayout,
     _vae_config,
@@ -29,7 +29,7 @@ from runtime.checkpoint import (
 from runtime.models.mot import LanceLLMConfig, LanceMoT
 from runtime.models.vae import WanVAE
 from runtime.models.vit import Qwen25VisionTransformer, VisionConfig
-from runtime.tiny import write_tiny_checkpoint
+from runtime.models.tiny import write_tiny_checkpoint
 from tests.parity import checkpoint_keys
 
 LLM_FILE = f"{constants.IMAGE_CKPT_DIR}/{constants.LLM_WEIGHTS_FILE}"
@@ -271,7 +271,7 @@ def test_offline_without_local_copy_fails_fast(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": str(REPO)}
     for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_ENDPOINT"):
         env.pop(name, None)
-    script = ("from runtime.checkpoint import CheckpointError, resolve_checkpoint\n"
+    script = ("from runtime.models.checkpoint import CheckpointError, resolve_checkpoint\n"
               "try:\n    resolve_checkpoint('bytedance-research/Lance')\n"
               "except CheckpointError as err:\n    print(err)\n    raise SystemExit(3)\n")
     start = time.monotonic()
@@ -305,7 +305,7 @@ def test_same_seed_same_bytes_other_seed_other_weights(tiny: Path, tmp_path: Pat
 
 def test_bf16_load_runs_every_network(tiny_checkpoint) -> None:
     """A bf16 load casts the VAE's latent statistics with its weights, so every network runs in bf16."""
-    from runtime.checkpoint import load_lance
+    from runtime.models.checkpoint import load_lance
 
     models = load_lance(tiny_checkpoint, dtype=torch.bfloat16)
     assert models.vae.latent_mean.dtype == torch.bfloat16

@@ -1,5 +1,5 @@
 """runtime.client: importable without torch, the `lance-client` command line, and its errors; then the client against a
-real tritonserver serving a stand-in `lance` model (tests/triton_harness.py) built on runtime.request."""
+real tritonserver serving a stand-in `lance` model (tests/triton_harness.py) built on runtime.spec.request."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime import constants
+from runtime.spec import constants, registry
 from runtime.client import DEFAULT_URL, LanceClient, LanceClientError, build_parser, main
-from runtime.serve import TritonServer, free_port
+from runtime.serving.server import TritonServer, free_port
 from tests.triton_harness import REPO_ROOT, running_server, triton_test, write_lance_standin
 
 GENERATION_FLAGS = {"--prompt", "--image", "--height", "--width", "--steps", "--cfg-scale", "--seed",
@@ -50,9 +50,9 @@ def test_imports_without_torch() -> None:
 def test_flags_match_lance_trt_run() -> None:
     from runtime.cli import _build_parser
 
-    run_only = {"--checkpoint", "--runner", "--engines", "--device", "--dtype", "--fp8-gen", "--fp8-fast-accum"}
+    run_only = {"--checkpoint", "--runner", "--engines", "--device", "--precision", "--fp8-gen", "--fp8-fast-accum"}
     run_flags = _flags(_subparser(_build_parser(), "run")) - run_only
-    for task in ("t2i", "x2t", "edit"):
+    for task in registry.TASKS:
         assert _flags(_subparser(build_parser(), task)) == run_flags == GENERATION_FLAGS
 
 

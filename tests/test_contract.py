@@ -12,15 +12,15 @@ import sympy
 import torch
 from torch.export import Dim
 
-from runtime import constants, contract
-from runtime.contract import DimExpr, DType, EngineSpec, Profile, TensorSpec, engine_specs, scaled, total
-from runtime.engines.graphs import VaeDecodeGraph, VaeEncodeGraph
+from runtime.spec import constants, contract, limits
+from runtime.spec.contract import DimExpr, DType, EngineSpec, Profile, TensorSpec, engine_specs, scaled, total
+from runtime.runners.graphs import VaeDecodeGraph, VaeEncodeGraph
 from runtime.models.mot import LanceLLMConfig, LanceMoT
 from runtime.models.vae import WanVAE, WanVAEConfig
 from runtime.models.vit import Qwen25VisionTransformer, VisionConfig
-from runtime.pipeline import VIT_TO_VAE_SIDE
-from runtime.preprocess import aspect_bucket
-from runtime.request import MAX_NEW_TOKENS_RANGE
+from runtime.pipeline.core import VIT_TO_VAE_SIDE
+from runtime.pipeline.preprocess import aspect_bucket
+from runtime.spec.limits import MAX_NEW_TOKENS_RANGE
 
 REAL = engine_specs(LanceLLMConfig(), VisionConfig(), WanVAEConfig())
 TINY_LLM = LanceLLMConfig.tiny()
@@ -81,7 +81,7 @@ def _edit_latent_grids() -> set[tuple[int, int]]:
     """Latent grids of edit references (= edit targets): buckets at every requested area side (the pipeline's
     ``round(sqrt(height * width))`` for sides in [MIN_SIZE, MAX_SIZE]), 16 px per cell."""
     grids = set()
-    for side in range(constants.MIN_SIZE, constants.MAX_SIZE + 1):
+    for side in range(limits.MIN_SIZE, limits.MAX_SIZE + 1):
         grids |= {(h // 16, w // 16) for h, w in _reachable_buckets(side)}
     return grids
 
@@ -93,7 +93,7 @@ def _vit_grids() -> set[tuple[int, int]]:
     """Patch grids of ViT inputs: buckets at the pipeline's ViT side for every area side (and x2t's 672), cropped
     to multiples of 28."""
     crop, merge = constants.VIT_CROP_MULTIPLE, VISION.spatial_merge_size
-    sides = {round(s * VIT_TO_VAE_SIDE) for s in range(constants.MIN_SIZE, constants.MAX_SIZE + 1)}
+    sides = {round(s * VIT_TO_VAE_SIDE) for s in range(limits.MIN_SIZE, limits.MAX_SIZE + 1)}
     sides.add(constants.VIT_RESOLUTION_IMAGE)
     return {(h // crop * merge, w // crop * merge) for s in sides for h, w in _reachable_buckets(s)}
 

@@ -5,7 +5,7 @@ Every call kind of the pipeline is covered (CFG denoise query with unequal past 
 decode with a stale cache tail, a latent-only block, a causal block that mixes experts), on a tiny model with random
 weights at unit gain where the und and gen experts differ; the FP8 gen expert against the exact step, and
 the benchmark script on tiny configs. The CUDA-only parts (graph capture and replay, compiled kernels, the Triton
-SwiGLU kernel) have tests that skip without CUDA; `runtime.gpu_check` checks the full-size model on a GPU.
+SwiGLU kernel) have tests that skip without CUDA; `benchmarks.gpu_check` checks the full-size model on a GPU.
 """
 
 from __future__ import annotations
@@ -16,23 +16,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.contract import EngineSpec, engine_specs, torch_dtype
-from runtime.engines import EngineError
-from runtime.engines.cuda import (
+from runtime.spec.contract import EngineSpec, engine_specs, torch_dtype
+from runtime.runners import EngineError
+from runtime.runners.cuda_kernels import (
     FP8_MAX,
-    CudaMoT,
-    CudaMotRunner,
     Fp8Weight,
-    StepLayout,
     add_rms_norm,
-    layout_of,
-    qk_norm_rope_,
     quantize_rows,
     rms_norm,
     scaled_linear,
     silu_mul,
     silu_mul_quantize,
 )
+from runtime.runners.cuda_mot import CudaMoT, CudaMotRunner, StepLayout, layout_of, qk_norm_rope_
 from runtime.models.mot import LanceLLMConfig, LanceMoT, apply_rotary, mrope_cos_sin
 from runtime.models.vae import WanVAEConfig
 from runtime.models.vit import VisionConfig
@@ -307,7 +303,7 @@ def test_graph_replay_matches_eager_on_cuda(compile: bool) -> None:
 @NEEDS_CUDA
 @pytest.mark.parametrize("rows", [1, 5, 300])
 def test_triton_silu_mul_on_cuda(rows: int) -> None:
-    from runtime.engines.cuda import silu_mul_triton
+    from runtime.runners.cuda_kernels import silu_mul_triton
 
     gate_up = torch.randn(rows, 2 * 2500, device="cuda", generator=torch.Generator("cuda").manual_seed(rows))
     for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
@@ -321,7 +317,7 @@ def test_benchmark_script_runs_tiny_on_cpu(tmp_path) -> None:
     """`lance-trt bench gpu` end to end on the tiny configs (its GPU numbers are in docs/benchmarks.md)."""
     import json
 
-    from runtime.bench_gpu import bench_gpu_main
+    from benchmarks.gpu import bench_gpu_main
 
     out = tmp_path / "bench.json"
     fp8 = _rowwise_scaled_mm_on("cpu")

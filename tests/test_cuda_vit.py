@@ -14,9 +14,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from runtime.contract import EngineSpec, vit_spec
-from runtime.engines import EngineError
-from runtime.engines.cuda_vit import CudaVisionTower, CudaVitRunner, SegmentLayout, padded_width, segment_lengths
+from runtime.spec.contract import EngineSpec, vit_spec
+from runtime.runners import EngineError
+from runtime.runners.cuda_vit import CudaVisionTower, CudaVitRunner, SegmentLayout, padded_width, segment_lengths
 from runtime.models.vit import Qwen25VisionTransformer, VisionConfig, vision_inputs
 from tests.parity import compare, randomize
 

@@ -28,12 +28,12 @@ from export.onnx_export import (
     read_graph,
     save_graph,
 )
-from runtime import contract
-from runtime.checkpoint import LanceModels
-from runtime.contract import ENGINES, PRECISIONS, EngineSpec
-from runtime.engines import EngineError, TorchRunner
-from runtime.engines.graphs import graph_modules
-from runtime.engines.ort import OrtRunner
+from runtime.spec import contract
+from runtime.models.checkpoint import LanceModels
+from runtime.spec.contract import ENGINES, PRECISIONS, EngineSpec
+from runtime.runners import EngineError, TorchRunner
+from runtime.runners.graphs import graph_modules
+from runtime.runners.ort import OrtRunner
 from runtime.models.mot import latent_pos_table, mrope_cos_sin
 from runtime.models.vit import vision_inputs
 from tests.parity import compare

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from runtime.request import Cancelled, GenerationRequest, RequestError
-from runtime.sequence import cfg_text_plan, plan_t2i
+from runtime.spec.request import Cancelled, GenerationRequest, RequestError
+from runtime.pipeline.sequence import cfg_text_plan, plan_t2i
 
 SMALL = dict(height=256, width=256, steps=3)
 
@@ -76,17 +76,17 @@ def test_batched_cfg_query_equals_separate_branches(torch_pipeline) -> None:
     pipe = torch_pipeline
     plan = plan_t2i(pipe.host.tokenizer, "a red cube", 4, 6)
     plans = [plan, cfg_text_plan(plan)]
-    cache = pipe._cache(max(p.context_length for p in plans), batch=2)
+    cache = pipe.new_cache(max(p.context_length for p in plans), batch=2)
     for index, p in enumerate(plans):
-        pipe._prefill(p, cache, index, vit_rows=None, ref_latent=None)
+        pipe.prefill(p, cache, index, vit_rows=None, ref_latent=None)
     noise = plan.splits[plan.noise_index]
     x = torch.randn(1, 24, 48, generator=torch.Generator().manual_seed(0))
-    queries = [pipe._split_feed(noise, p.split_position_ids(p.noise_index), None, x) for p in plans]
-    batched = pipe._velocity(queries, x, 0.7, cache)
+    queries = [pipe.split_feed(noise, p.split_position_ids(p.noise_index), None, x) for p in plans]
+    batched = pipe.velocity(queries, x, 0.7, cache)
     for index, query in enumerate(queries):
-        single_cache = pipe._cache(plans[index].context_length, batch=1)
-        pipe._prefill(plans[index], single_cache, 0, vit_rows=None, ref_latent=None)
-        single = pipe._velocity([query], x, 0.7, single_cache)
+        single_cache = pipe.new_cache(plans[index].context_length, batch=1)
+        pipe.prefill(plans[index], single_cache, 0, vit_rows=None, ref_latent=None)
+        single = pipe.velocity([query], x, 0.7, single_cache)
         torch.testing.assert_close(batched[index:index + 1], single, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(batched[0], batched[1])
 
@@ -125,9 +125,9 @@ def test_host_only_load_matches_the_full_load(tiny_checkpoint, torch_pipeline) -
 def test_pipeline_on_the_fast_mot_runner(tiny_checkpoint, torch_pipeline) -> None:
     """The pipeline over `CudaMotRunner` (its CPU path, fp32; the host inputs ``past_len`` and ``causal`` kept on the
     CPU): t2i (CFG, both branches batched) and x2t equal the reference runner's."""
-    from runtime.checkpoint import load_lance
-    from runtime.engines import Engines
-    from runtime.engines.cuda import CudaMoT, CudaMotRunner
+    from runtime.models.checkpoint import load_lance
+    from runtime.runners import Engines
+    from runtime.runners.cuda_mot import CudaMoT, CudaMotRunner
     from runtime.pipeline import LancePipeline
 
     models = load_lance(tiny_checkpoint, device="cpu", dtype=torch.float32)

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from runtime import constants
+from runtime.spec import constants
 from runtime.models.vit import Qwen25VisionPatchEmbed, VisionConfig
-from runtime.preprocess import (
+from runtime.pipeline.preprocess import (
     aspect_bucket,
     bucket_crop_box,
     bucket_table,

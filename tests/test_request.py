@@ -1,4 +1,4 @@
-"""runtime.request: defaults, every rejection names its field, and the tensor conversion round trip."""
+"""runtime.spec.request: defaults, every rejection names its field, and the tensor conversion round trip."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from runtime import constants, contract
-from runtime.request import (
+from runtime.spec import constants
+from runtime.spec import request as request_spec
+from runtime.spec.request import (
     MAX_IMAGE_BYTES,
     MAX_PROMPT_CHARS,
     SEED_MAX,
@@ -19,7 +20,7 @@ from runtime.request import (
     request_to_tensors,
 )
 
-PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 32  # content is not decoded here (runtime.preprocess does that)
+PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 32  # content is not decoded here (runtime.pipeline.preprocess does that)
 
 
 def _tensors(**overrides: object) -> dict[str, np.ndarray]:
@@ -48,7 +49,7 @@ def test_defaults_are_upstreams() -> None:
 
 
 def test_fields_equal_contract_inputs() -> None:
-    assert [f.name for f in dataclasses.fields(GenerationRequest)] == [s.name for s in contract.LANCE_INPUTS]
+    assert [f.name for f in dataclasses.fields(GenerationRequest)] == [s.name for s in request_spec.LANCE_INPUTS]
 
 
 def test_minimal_tensors_take_defaults() -> None:
@@ -60,8 +61,8 @@ def test_round_trip_every_field() -> None:
     request = GenerationRequest(task="edit", prompt="make it night", image=PNG, height=512, width=1024, steps=12,
                                 seed=SEED_MAX, cfg_scale=7.5, max_new_tokens=9)
     tensors = request_to_tensors(request)
-    assert set(tensors) == {s.name for s in contract.LANCE_INPUTS}
-    for spec in contract.LANCE_INPUTS:
+    assert set(tensors) == {s.name for s in request_spec.LANCE_INPUTS}
+    for spec in request_spec.LANCE_INPUTS:
         assert tensors[spec.name].dtype == spec.dtype.numpy and tensors[spec.name].shape == spec.shape
     assert request_from_tensors(tensors) == request
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime import contract
-from runtime.checkpoint import LanceModels
-from runtime.contract import ENGINES, EngineSpec
-from runtime.engines import EngineError, Engines, TorchRunner
-from runtime.engines.graphs import engines_for
-from runtime.engines.ort import OrtRunner
-from runtime.engines.trt import DeviceScratch, Sidecar, TrtRunner, check_sidecar
+from runtime.spec import contract
+from runtime.models.checkpoint import LanceModels
+from runtime.spec.contract import ENGINES, EngineSpec
+from runtime.runners import EngineError, Engines, TorchRunner
+from runtime.runners.factory import engines_for
+from runtime.runners.ort import OrtRunner
+from runtime.runners.trt import DeviceScratch, Sidecar, TrtRunner, check_sidecar
 from tests.parity import compare
 from tests.test_export import MOT_CASES, mot_feed
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from runtime import constants
-from runtime.scheduler import Schedule, apply_cfg, cfg_active, euler_step, make_schedule
+from runtime.spec import constants
+from runtime.pipeline.scheduler import Schedule, apply_cfg, cfg_active, euler_step, make_schedule
 
 # lance_spec.md §3.1: 30 steps, shift 3.5, to 4 decimals.
 SPEC_TABLE_30_3_5 = (

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from runtime import constants
-from runtime.sequence import (
+from runtime.spec import constants
+from runtime.pipeline.sequence import (
     PLACEHOLDER_ID,
     VISION_END_ID,
     VISION_START_ID,
@@ -27,7 +27,7 @@ from runtime.sequence import (
     plan_t2v,
     plan_x2t,
 )
-from runtime.tokenizer import build_tokenizer_files, load_tokenizer
+from runtime.models.tokenizer import build_tokenizer_files, load_tokenizer
 
 VS, VE, PAD = constants.VISION_START, constants.VISION_END, constants.VIDEO_PAD
 PROMPT = "A photo of a red apple on a wooden table next to a glass of water."
@@ -376,7 +376,7 @@ def test_latent_position_ids_by_hand(caplog: pytest.LogCaptureFixture) -> None:
     np.testing.assert_array_equal(ids, [0, 1, 2, 64, 65, 66, 4096, 4097, 4098, 4160, 4161, 4162])
     assert ids.dtype == np.int64
     np.testing.assert_array_equal(latent_position_ids(1, 48, 48)[-1], 47 * 64 + 47)
-    with caplog.at_level(logging.WARNING, logger="runtime.sequence"):
+    with caplog.at_level(logging.WARNING, logger="runtime.pipeline.sequence"):
         assert latent_position_ids(1, 2, 72)[64] == 64  # wi = 64 aliases onto (hi=1, wi=0), as upstream
     assert "alias" in caplog.text
     with pytest.raises(ValueError):
@@ -428,10 +428,10 @@ def test_split_and_plan_validation() -> None:
 
 def test_warns_where_upstream_would_locate_the_caption_elsewhere(tokenizer, caplog: pytest.LogCaptureFixture) -> None:
     """A prompt equal to the start of the system prompt: upstream's first-occurrence search lands inside it."""
-    with caplog.at_level(logging.WARNING, logger="runtime.sequence"):
+    with caplog.at_level(logging.WARNING, logger="runtime.pipeline.sequence"):
         plan_t2i(tokenizer, PROMPT, 2, 2)
     assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="runtime.sequence"):
+    with caplog.at_level(logging.WARNING, logger="runtime.pipeline.sequence"):
         plan = plan_t2i(tokenizer, "Describe the image", 2, 2)
     assert "upstream would mark" in caplog.text
     assert _decode(tokenizer, plan.splits[1].token_ids) == "Describe the image"  # our split is still the prompt

@@ -1,4 +1,4 @@
-"""runtime.serve against a real tritonserver: start, readiness, stop without leftovers, the CLI, and the Triton 2.51
+"""runtime.serving.server against a real tritonserver: start, readiness, stop without leftovers, the CLI, and the Triton 2.51
 behaviours its docstring reports (bounded queue, cancellation reaching a Python model)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.serve import (
+from runtime.serving.server import (
     CPU_CONFIG_NAME,
     ProcessHandle,
     ServerOptions,
@@ -104,7 +104,7 @@ def _duration(seconds: float) -> dict[str, np.ndarray]:
 
 def test_missing_tritonserver_names_the_install_command() -> None:
     # -S: no site-packages, so no nvidia-pytriton; an empty PATH: no tritonserver there either
-    code = ("from runtime.serve import find_tritonserver\n"
+    code = ("from runtime.serving.server import find_tritonserver\n"
             "try:\n    find_tritonserver()\nexcept FileNotFoundError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-S", "-c", code], cwd=REPO_ROOT, env={"PATH": "/nonexistent"},
                          capture_output=True, text=True, timeout=30)
@@ -210,7 +210,7 @@ def test_start_failure_reports_log_tail(tmp_path: Path) -> None:
 def test_serve_main_until_interrupt(tmp_path: Path, signum: int) -> None:
     write_lance_standin(tmp_path / "repo")
     ports = [str(free_port()) for _ in range(3)]
-    command = [sys.executable, "-c", "import sys; from runtime.serve import serve_main; sys.exit(serve_main())",
+    command = [sys.executable, "-c", "import sys; from runtime.serving.server import serve_main; sys.exit(serve_main())",
                "--repo", str(tmp_path / "repo"), "--cpu", "--grpc-port", ports[0], "--http-port", ports[1],
                "--metrics-port", ports[2], "--log-file", str(tmp_path / "server.log"), "--exit-timeout-secs", "5"]
     env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT)}

@@ -10,8 +10,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models
 
-from runtime import constants
-from runtime.tokenizer import (
+from runtime.spec import constants
+from runtime.models.tokenizer import (
     TokenizerError,
     _qwen2_pipeline,
     build_tokenizer_files,
@@ -152,7 +152,7 @@ def test_pipeline_is_qwen2s(tokenizer_dir: Path) -> None:
     """The normaliser and split regex are those transformers' own Qwen2 tokenizer builds (an independent copy)."""
     from transformers.models.qwen2 import tokenization_qwen2
 
-    from runtime.tokenizer import QWEN2_PRETOKENIZE_REGEX
+    from runtime.models.tokenizer import QWEN2_PRETOKENIZE_REGEX
 
     assert QWEN2_PRETOKENIZE_REGEX == tokenization_qwen2.PRETOKENIZE_REGEX
     pipeline = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))

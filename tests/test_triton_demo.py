@@ -17,7 +17,7 @@ from PIL import Image
 
 from runtime.client import LanceClient
 from runtime.demo import demo_main
-from runtime.serve import free_port
+from runtime.serving.server import free_port
 from tests.triton_harness import REPO_ROOT, requires_triton
 
 pytestmark = [pytest.mark.triton, requires_triton]

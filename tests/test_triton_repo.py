@@ -14,11 +14,12 @@ import pytest
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from runtime import contract
-from runtime.contract import ENGINES, EngineSpec
-from runtime.engines.trt import Sidecar
-from runtime.triton_repo import (
+from runtime.spec import request as request_spec
+from runtime.spec.contract import ENGINES, EngineSpec
+from runtime.runners.trt import Sidecar
+from runtime.serving.repository import (
     CHILD_MODELS,
+    MODEL_TEMPLATES,
     TEMPLATE_DIR,
     ConfigError,
     EngineSettings,
@@ -95,7 +96,7 @@ def test_repository_layout_and_configs(tmp_path: Path, tiny_checkpoint: Path, sp
     for engine, model in CHILD_MODELS.items():
         assert {f"{model}/1/model.py", f"{model}/1/{engine}.plan", f"{model}/1/{engine}.json",
                 f"{model}/1/{engine}.onnx", f"{model}/config.pbtxt", f"{model}/configs/cpu.pbtxt"} <= names
-        assert (out / model / "1" / "model.py").read_text() == (TEMPLATE_DIR / model / "1" / "model.py").read_text()
+        assert (out / model / "1" / "model.py").read_text() == (TEMPLATE_DIR / MODEL_TEMPLATES[model]).read_text()
     assert {"lance/1/model.py", "lance/1/mot.plan", "lance/1/mot.json", "lance/1/mot.onnx", "lance/1/mot.onnx.data",
             "lance/config.pbtxt", "lance/configs/cpu.pbtxt"} <= names
     assert (out / "lance/1/mot.plan").read_bytes() == b"plan mot 9.0"
@@ -134,8 +135,8 @@ def test_repository_layout_and_configs(tmp_path: Path, tiny_checkpoint: Path, sp
         assert config.dynamic_batching.default_queue_policy.max_queue_size == 5
         inputs, outputs = io(config)
         assert inputs == {s.name: (s.dtype.triton, [-1 if isinstance(d, str) else d for d in s.shape], s.optional)
-                          for s in contract.LANCE_INPUTS}
-        assert list(outputs) == [s.name for s in contract.LANCE_OUTPUTS]
+                          for s in request_spec.LANCE_INPUTS}
+        assert list(outputs) == [s.name for s in request_spec.LANCE_OUTPUTS]
         assert outputs["image"][:2] == ("TYPE_UINT8", [-1, -1, 3])
         assert params(config)["checkpoint"] == str(tiny_checkpoint.resolve())  # outside the repository: absolute
     assert params(gpu) | {"checkpoint": ""} == {
@@ -247,7 +248,7 @@ def test_repo_main(tmp_path: Path, tiny_checkpoint: Path, specs: dict[str, Engin
 def test_every_engine_has_a_model() -> None:
     assert set(CHILD_MODELS) == set(ENGINES) - {"mot"}
     for model in ("lance", *CHILD_MODELS.values()):
-        source = (TEMPLATE_DIR / model / "1" / "model.py").read_text()
+        source = (TEMPLATE_DIR / MODEL_TEMPLATES[model]).read_text()
         assert "class TritonPythonModel(" in source and "triton_python_backend_utils" not in source
 
 
@@ -332,7 +333,7 @@ def test_config_checks_name_the_difference(tmp_path: Path, tiny_checkpoint: Path
 
 
 def test_bench_dispatcher(capsys: pytest.CaptureFixture[str]) -> None:
-    from runtime.bench import BENCHMARKS, bench_main
+    from benchmarks.cli import BENCHMARKS, bench_main
 
     assert "triton" in BENCHMARKS
     assert bench_main([]) == 2 and "triton" in capsys.readouterr().err

@@ -29,9 +29,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime import contract
+from runtime.spec import contract
+from runtime.spec import request as request_spec
 from runtime.pipeline import LancePipeline
-from runtime.request import (
+from runtime.spec.request import (
     MAX_IMAGE_BYTES,
     MAX_PROMPT_CHARS,
     GenerationRequest,
@@ -39,8 +40,8 @@ from runtime.request import (
     request_to_tensors,
     wire_dtype,
 )
-from runtime.serve import ServerOptions, ServerStartError, TritonServer
-from runtime.triton_repo import CHILD_MODELS, ServingTarget, write_repository
+from runtime.serving.server import ServerOptions, ServerStartError, TritonServer
+from runtime.serving.repository import CHILD_MODELS, ServingTarget, write_repository
 from tests.triton_harness import Stream, StreamOutcome, grpc_client, requires_triton, running_server
 
 pytestmark = [pytest.mark.triton, requires_triton]
@@ -269,7 +270,7 @@ def _tensors(**changes: object) -> dict[str, np.ndarray]:
         elif isinstance(value, np.ndarray):
             tensors[name] = value
         else:
-            spec = contract.by_name(contract.LANCE_INPUTS)[name]
+            spec = request_spec.by_name(request_spec.LANCE_INPUTS)[name]
             data = value.encode() if isinstance(value, str) else value
             tensors[name] = np.array([data], dtype=np.object_ if spec.dtype is contract.DType.BYTES else
                                      spec.dtype.numpy)

@@ -16,7 +16,7 @@ import pytest
 
 import torch
 
-from runtime.constants import WAN22_LATENT_MEAN, WAN22_LATENT_STD
+from runtime.spec.constants import WAN22_LATENT_MEAN, WAN22_LATENT_STD
 from runtime.models.vae import (
     CacheSlot,
     WanAvgDown3D,

@@ -21,8 +21,8 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import pytest
 
-from runtime.request import wire_dtype
-from runtime.serve import ProcessHandle, ServerOptions, TritonNotFoundError, TritonServer, find_tritonserver
+from runtime.spec.request import wire_dtype
+from runtime.serving.server import ProcessHandle, ServerOptions, TritonNotFoundError, TritonServer, find_tritonserver
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHM_PREFIX = "triton_python_backend_shm_region_"
@@ -176,7 +176,7 @@ def stream_infer(url: str, model: str, inputs: Mapping[str, np.ndarray], *, time
 
 def lance_config_pbtxt(extra: str = "") -> str:
     """A decoupled ``lance`` config with the contract's inputs and outputs (variable dims as -1)."""
-    from runtime import contract
+    from runtime.spec import request as request_spec
 
     def dims(shape: tuple) -> str:
         return ", ".join(str(d) if isinstance(d, int) else "-1" for d in shape)
@@ -188,12 +188,12 @@ def lance_config_pbtxt(extra: str = "") -> str:
             for s in specs)
 
     return (f'name: "lance"\nbackend: "python"\nmax_batch_size: 0\nmodel_transaction_policy {{ decoupled: true }}\n'
-            f"input [\n{rows(contract.LANCE_INPUTS, True)}\n]\noutput [\n{rows(contract.LANCE_OUTPUTS, False)}\n]\n"
+            f"input [\n{rows(request_spec.LANCE_INPUTS, True)}\n]\noutput [\n{rows(request_spec.LANCE_OUTPUTS, False)}\n]\n"
             f"instance_group [ {{ count: 1 kind: KIND_CPU }} ]\n{extra}")
 
 
 LANCE_STANDIN_PY = '''
-"""Stand-in for model lance: validates with runtime.request, streams progress, answers without a network.
+"""Stand-in for model lance: validates with runtime.spec.request, streams progress, answers without a network.
 
 t2i/edit: `steps` progress responses, then an image of the requested size filled with seed % 256.
 x2t: one progress response per character of the answer (the prompt upper-cased), then the text.
@@ -205,8 +205,8 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from runtime import contract
-from runtime.request import RequestError, request_from_tensors
+from runtime.spec import request as request_spec
+from runtime.spec.request import RequestError, request_from_tensors
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -223,7 +223,7 @@ class TritonPythonModel:
 
     def _run(self, request, sender):
         tensors = {}
-        for spec in contract.LANCE_INPUTS:
+        for spec in request_spec.LANCE_INPUTS:
             tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
             if tensor is not None:
                 tensors[spec.name] = tensor.as_numpy()

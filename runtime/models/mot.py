@@ -9,7 +9,7 @@ The LLM is a Qwen2.5-VL-3B-shaped decoder whose every layer holds two experts: "
 ``<|vision_start|>``/``<|vision_end|>`` boundary rows) and "gen" (every VAE-latent row, noisy or clean). Projections,
 q/k-norms, both RMSNorms, the MLP and the final norm are per expert; attention is one joint softmax over all rows.
 
-`LanceMoT.step` is the ``mot`` engine (``runtime.contract.mot_spec``): one graph serves text prefill, ViT-block
+`LanceMoT.step` is the ``mot`` engine (``runtime.spec.contract.mot_spec``): one graph serves text prefill, ViT-block
 prefill, AR decode, VAE-reference prefill and the denoise query. Upstream routes rows with index scatters
 (``x[idx] = f(x[idx])``) and runs attention as flash-attn varlen over a growing cache. Here the rows of a call come in
 three groups in sequence order (``und_head``, ``latents``, ``und_tail``, any may be empty) so routing is static
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.constants import (
+from runtime.spec.constants import (
     LATENT_CHANNELS,
     LATENT_POS_SPLIT_DIVISOR,
     MAX_LATENT_SIZE,

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from runtime.constants import WAN22_LATENT_MEAN, WAN22_LATENT_STD
+from runtime.spec.constants import WAN22_LATENT_MEAN, WAN22_LATENT_STD
 
 logger = logging.getLogger(__name__)
 
@@ -721,7 +721,7 @@ class WanVAE(nn.Module):
 
     Latents are normalised as upstream: ``encode`` returns ``mu = (mu_raw - mean) * (1 / std)`` and the raw
     ``log_var``; ``decode`` takes normalised latents and undoes it (``z / (1 / std) + mean``). ``mean``/``std`` are
-    ``runtime.constants.WAN22_LATENT_MEAN/STD`` (non-persistent buffers: they are not checkpoint tensors).
+    ``runtime.spec.constants.WAN22_LATENT_MEAN/STD`` (non-persistent buffers: they are not checkpoint tensors).
 
     Video: ``T = 1 + 4k`` frames -> ``t = 1 + k`` latent frames. The chunk steps carry their caches explicitly:
     ``encode_first_chunk`` / ``encode_chunk`` (4 frames each) and ``decode_first_chunk`` / ``decode_chunk`` (1 latent

@@ -169,7 +169,7 @@ class Qwen25VisionPatchEmbed(nn.Module):
     """Patch embedding. Upstream's Conv3d has stride == kernel, so on pre-flattened patch rows it is one MatMul.
 
     The parameter stays the checkpoint's Conv3d weight ``(hidden, C, tp, p, p)``; its flattening order (C, tp, p, p)
-    is the order of a patch row (see `runtime.preprocess`).
+    is the order of a patch row (see `runtime.pipeline.preprocess`).
     """
 
     def __init__(self, config: VisionConfig) -> None:

@@ -1,9 +1,1 @@
-"""Triton model ``lance_vit`` on CPU (``configs/cpu.pbtxt``): the fp32 ONNX graph of engine ``vit`` in ONNX Runtime,
-standing in for the TensorRT plan that ``config.pbtxt`` serves. Glue only: see ``runtime.triton_adapter.EngineModel``.
-"""
-
-from runtime.triton_adapter import EngineModel
-
-
-class TritonPythonModel(EngineModel):
-    """``initialize``/``execute`` of `runtime.triton_adapter.EngineModel`."""
+../../../runtime/serving/templates/engine_model.py

@@ -1,0 +1,582 @@
+"""`lance-trt serve`: run ``tritonserver`` on a model repository; also the launcher the Triton tests share.
+
+The server is the ``tritonserver`` on PATH (a Triton container) or, failing that, the Triton 2.51 binary bundled in
+nvidia-pytriton 0.7.0 (``pip install 'lance-trt[serve]'``). The bundled one needs three things (triton_on_cpu.md
+§2.1, §7), which ``TritonServer`` sets up: a backend directory holding symlinks to ``libtriton_python.so``,
+``triton_python_backend_utils.py`` and the stub built for the running Python version; ``PATH=<venv>/bin:...`` so the
+stub's embedded interpreter takes this environment's ``sys.prefix``; ``LD_LIBRARY_PATH=<python LIBDIR>`` so it loads
+this interpreter's ``libpython`` rather than the system's.
+
+Findings on Triton 2.51 (the bundled server), measured on the 2-core CPU machine with throwaway Python models; the
+queue bound, both cancellations and the shutdown bug are also tests in tests/test_serve.py:
+
+Bounded queue for a decoupled Python model with ``max_batch_size: 0``
+    - ``dynamic_batching { default_queue_policy { max_queue_size: N } }`` is accepted with ``max_batch_size: 0`` and
+      ``decoupled: true``; ``execute`` still receives one request at a time. With one instance and N = 2, a running
+      request plus 4 more gave 2 queued and 2 refused within 5 ms (plus 5 more: 3 refused). The queue counts the
+      requests waiting for the instance, not the one running.
+    - On a stream the refusal is an in-stream error "[request id: X] Exceeds maximum queue size" with NO gRPC code
+      (tritonclient's ``status()`` is None), even with the ``triton_grpc_error: true`` header; the stream stays open
+      and no FINAL follows. The same refusal of a unary call is UNAVAILABLE. It is never RESOURCE_EXHAUSTED, and
+      ``nv_inference_request_failure{reason="REJECTED"}`` stays 0.
+    - Without ``dynamic_batching`` there is no bound: 4 requests of 1 s were served one after another, the last
+      after 4 s. Sequence batching has no queue size and refuses requests without a correlation ID; the rate limiter
+      only orders instances.
+    - The bound holds only while ``execute`` blocks for the whole request (Lance's loop inside ``execute``): an
+      ``async def execute`` that awaits, or an ``execute`` that hands the request to a thread, admitted all 5
+      requests at once, so nothing was queued or refused.
+    - A request cancelled while queued is dropped before ``execute`` (``reason="CANCELED"`` +1); the next runs.
+    - Bug: cancelling a stream whose request was refused (``stop_stream(cancel_requests=True)``, or the client
+      dying) leaves the model referenced; at shutdown the server reports "Found 1 live models" until
+      ``--exit-timeout-secs`` expires ("Exit timeout expired. Exiting immediately."). ``stop()`` still ends
+      everything; clients should close such a stream without cancelling (``runtime.client`` does).
+    - ``--model-config-name=cpu`` serves ``configs/cpu.pbtxt`` where a model has one and ``config.pbtxt`` otherwise.
+
+Cancellation of a gRPC stream reaching a Python (BLS) model
+    - ``stop_stream(cancel_requests=True)``, an expired ``stream_timeout`` (the client gets DEADLINE_EXCEEDED) and
+      the client process exiting all cancel the request: ``request.is_cancelled()`` and
+      ``response_sender.is_cancelled()`` both turn True, seen at the next poll (within 10 ms, polling every 50 ms), in
+      a blocking ``execute``, an ``async def execute`` and a thread alike. The client gets CANCELLED "Locally
+      cancelled by application!" and no further response.
+    - Nothing interrupts ``execute``: the model must poll between denoise steps and tokens, and still send FINAL
+      (a ``send`` after the cancel is accepted silently).
+    - A parent's cancellation does not reach its BLS children: a child iterated with ``exec(decoupled=True)`` ran to
+      its end (4 s) after the parent stopped at 0.5 s; 2.51's response iterator has no ``cancel()``, ``exec`` returns
+      at the child's first response, and the parent can look at ``is_cancelled()`` only between child responses. So
+      Lance checks between steps and keeps its BLS calls (vit, vae) short and unary.
+
+Other facts of this release that shape the BLS model and the client
+    - ``InferenceResponse(parameters=...)`` is a TypeError: response parameters reached the Python backend later
+      (python_backend #394, 2025), so stage timings cannot travel as response parameters from a 2.51 Python model.
+    - With the ``triton_grpc_error: true`` header an error response arrives with its gRPC code (``TritonError``
+      INVALID_ARG becomes INVALID_ARGUMENT, an exception in ``execute`` INTERNAL) and closes the stream; the server
+      then logs a harmless "[INTERNAL] HandleCancellation called even when the context was not cancelled".
+    - GPU mode (checked on an H100 with this module's defaults): the 256 MiB pinned pool and the 512 MiB CUDA pool of
+      device 0 are created, the Python 3.12 stub loads, and SIGTERM stops server and stub in 2-4 s with no /dev/shm
+      region left.
+
+This module imports only the standard library (and `runtime.spec.endpoints`, itself stdlib only); the gRPC client lives in ``runtime.client``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+
+from runtime.spec.endpoints import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, LANCE_MODEL
+
+log = logging.getLogger(__name__)
+
+# `--cpu` serves each model's `configs/cpu.pbtxt` (Python-backend ONNX Runtime stand-ins for the TensorRT models);
+# Triton falls back to `config.pbtxt` for a model that has none.
+CPU_CONFIG_NAME = "cpu"
+_MIB = 1 << 20
+# readiness polls go straight to the server, whatever http_proxy says
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class TritonNotFoundError(FileNotFoundError):
+    """Neither a ``tritonserver`` on PATH nor the nvidia-pytriton wheel's binary exists."""
+
+
+class ServerStartError(RuntimeError):
+    """tritonserver exited or did not become ready; the message ends with the tail of its log."""
+
+
+def find_tritonserver() -> Path:
+    """The ``tritonserver`` binary: on PATH if there is one, else the one bundled in nvidia-pytriton.
+
+    The wheel is located with ``importlib.util.find_spec``, never imported: ``pytriton/__init__`` pulls typer, wrapt
+    and more, none of which the server needs.
+    """
+    on_path = shutil.which("tritonserver")
+    if on_path is not None:
+        return Path(on_path)
+    bundled = _pytriton_dist()
+    if bundled is not None and (bundled / "bin" / "tritonserver").is_file():
+        return bundled / "bin" / "tritonserver"
+    raise TritonNotFoundError(
+        "tritonserver not found: it is neither on PATH nor bundled in nvidia-pytriton; "
+        "install it with `pip install 'lance-trt[serve]'` or run inside a Triton container"
+    )
+
+
+def _pytriton_dist() -> Path | None:
+    """``site-packages/pytriton/tritonserver`` of the nvidia-pytriton wheel, or None."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+
+
+def missing_lance_model(repo: Path) -> str | None:
+    """Why ``repo`` cannot serve Lance (no ``lance/config.pbtxt`` or no version folder with a ``model.py``), or None."""
+    model = repo / LANCE_MODEL
+    if not (model / "config.pbtxt").is_file():
+        return f"{model / 'config.pbtxt'} does not exist"
+    if not any(v.is_dir() and v.name.isdigit() and (v / "model.py").is_file() for v in model.iterdir()):
+        return f"{model} has no version folder with a model.py"
+    return None
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on at ``address`` right now."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((address, 0))
+        return sock.getsockname()[1]
+
+
+def _host_for(address: str) -> str:
+    """A host that reaches a server bound to ``address`` (a wildcard address is reached through loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(address, address)
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """tritonserver settings. Defaults suit a GPU deployment of Lance; ``cpu=True`` adapts them to a CPU machine.
+
+    Attributes:
+        address: interface for gRPC, HTTP and metrics; loopback unless told otherwise.
+        grpc_port, http_port, metrics_port: None picks a free port.
+        cpu: serve ``configs/cpu.pbtxt`` configs, no CUDA pool, no pinned memory, no GPU metrics.
+        cuda_memory_pool_byte_size: CUDA pool of GPU 0 for tensors the server moves (BLS hops over DLPack); Triton's
+            64 MiB default is below one 1024x1024 fp32 image plus ViT patches in flight.
+        pinned_memory_pool_byte_size: host staging for GPU copies (Triton's default); 0 on CPU.
+        shm_default_byte_size, shm_growth_byte_size: the Python backend's shared-memory region per model instance
+            and its growth step, above the backend's defaults so that 10-20 MB BLS tensors need few resizes.
+        stub_timeout_seconds: how long the server waits on its Python stubs (the backend's default is 30 s); a stub
+            that opens engines and a tokenizer at start needs more.
+        exit_on_error: exit when a model fails to load rather than serve without it.
+        model_config_name: ``--model-config-name``; None serves ``config.pbtxt`` (or ``cpu`` with ``cpu=True``).
+        log_verbose: tritonserver verbosity (2 logs gRPC stream state transitions).
+        exit_timeout_secs: on SIGTERM, how long in-flight requests may finish.
+        extra_args: further tritonserver arguments, passed last.
+        env: extra environment variables for the server and its stubs.
+    """
+
+    address: str = "127.0.0.1"
+    grpc_port: int | None = None
+    http_port: int | None = None
+    metrics_port: int | None = None
+    cpu: bool = False
+    cuda_memory_pool_byte_size: int = 512 * _MIB
+    pinned_memory_pool_byte_size: int = 256 * _MIB
+    shm_default_byte_size: int = 16 * _MIB
+    shm_growth_byte_size: int = 16 * _MIB
+    stub_timeout_seconds: int = 300
+    exit_on_error: bool = True
+    model_config_name: str | None = None
+    log_verbose: int = 0
+    exit_timeout_secs: int = 30
+    extra_args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("grpc_port", "http_port", "metrics_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 < port < 65536:
+                raise ValueError(f"{name}: must be in [1, 65535], got {port}")
+        for name in ("cuda_memory_pool_byte_size", "pinned_memory_pool_byte_size", "log_verbose", "exit_timeout_secs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("shm_default_byte_size", "shm_growth_byte_size", "stub_timeout_seconds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.model_config_name is not None and (not self.model_config_name or " " in self.model_config_name):
+            raise ValueError(f"model_config_name: a non-empty name without spaces, got {self.model_config_name!r}")
+
+    def arguments(self, grpc_port: int, http_port: int, metrics_port: int) -> list[str]:
+        """tritonserver arguments apart from ``--model-repository`` and ``--backend-directory``."""
+        args = [
+            f"--grpc-address={self.address}", f"--grpc-port={grpc_port}",
+            f"--http-address={self.address}", f"--http-port={http_port}",
+            f"--metrics-address={self.address}", f"--metrics-port={metrics_port}",
+            f"--exit-on-error={str(self.exit_on_error).lower()}",
+            f"--exit-timeout-secs={self.exit_timeout_secs}",
+            f"--log-verbose={self.log_verbose}",
+            f"--backend-config=python,shm-default-byte-size={self.shm_default_byte_size}",
+            f"--backend-config=python,shm-growth-byte-size={self.shm_growth_byte_size}",
+            f"--backend-config=python,stub-timeout-seconds={self.stub_timeout_seconds}",
+        ]
+        if self.cpu:
+            args += ["--pinned-memory-pool-byte-size=0", "--allow-gpu-metrics=false"]
+        else:
+            args += [
+                f"--pinned-memory-pool-byte-size={self.pinned_memory_pool_byte_size}",
+                f"--cuda-memory-pool-byte-size=0:{self.cuda_memory_pool_byte_size}",
+            ]
+        config_name = self.model_config_name or (CPU_CONFIG_NAME if self.cpu else None)
+        if config_name is not None:
+            args.append(f"--model-config-name={config_name}")
+        return args + list(self.extra_args)
+
+
+@dataclass(frozen=True)
+class ProcessHandle:
+    """A process identified by pid and start time, so a recycled pid is never mistaken for it."""
+
+    pid: int
+    start_ticks: int
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessHandle | None:
+        """The running process ``pid``, or None."""
+        stat = _read_stat(pid)
+        return None if stat is None else cls(pid, stat[2])
+
+    def alive(self) -> bool:
+        stat = _read_stat(self.pid)
+        return stat is not None and stat[2] == self.start_ticks and stat[1] != "Z"
+
+    def kill(self) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+def _read_stat(pid: int) -> tuple[int, str, int] | None:
+    """(ppid, state, start time in clock ticks) of ``pid`` from /proc, or None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after its last ')'
+    rest = text[text.rindex(")") + 2:].split()
+    return int(rest[1]), rest[0], int(rest[19])
+
+
+def descendants(pid: int) -> list[ProcessHandle]:
+    """Every live descendant of ``pid`` (for tritonserver: the Python backend stubs), from /proc."""
+    children: dict[int, list[ProcessHandle]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _read_stat(int(entry.name))
+            if stat is not None and stat[1] != "Z":
+                children.setdefault(stat[0], []).append(ProcessHandle(int(entry.name), stat[2]))
+    found: list[ProcessHandle] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child.pid)
+    return found
+
+
+class TritonServer:
+    """One tritonserver process on a model repository, as a context manager.
+
+    ``start()`` returns once ``/v2/health/ready`` answers 200 (every model loaded, strict readiness) and raises
+    ``ServerStartError`` with the log tail as soon as the process dies. ``stop()`` sends SIGTERM, SIGKILL after a
+    timeout, and waits for the Python stubs to go (killing any that outlive the server), so no process and no
+    /dev/shm region is left behind. The server runs in its own session: a Ctrl-C in the terminal reaches only the
+    caller, which then calls ``stop()``.
+
+    Args:
+        repo: the model repository.
+        options: server settings.
+        log_path: where the server's stdout and stderr go; a new file in the temp folder when None.
+    """
+
+    def __init__(self, repo: str | os.PathLike[str], options: ServerOptions | None = None, *,
+                 log_path: str | os.PathLike[str] | None = None) -> None:
+        self.repo = Path(repo).resolve()
+        self.options = options or ServerOptions()
+        self.binary = find_tritonserver()
+        self.grpc_port = self.options.grpc_port or free_port(self.options.address)
+        self.http_port = self.options.http_port or free_port(self.options.address)
+        self.metrics_port = self.options.metrics_port or free_port(self.options.address)
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            log_path = name
+        self.log_path = Path(log_path)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.startup_s: float | None = None
+        self._workdir: Path | None = None
+        self._children: list[ProcessHandle] = []
+
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` for ``tritonclient.grpc`` and ``runtime.client.LanceClient``."""
+        return f"{_host_for(self.options.address)}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{_host_for(self.options.address)}:{self.http_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def command(self, backend_dir: Path) -> list[str]:
+        """The full tritonserver command line."""
+        return [
+            str(self.binary), f"--model-repository={self.repo}", f"--backend-directory={backend_dir}",
+            *self.options.arguments(self.grpc_port, self.http_port, self.metrics_port),
+        ]
+
+    def environment(self) -> dict[str, str]:
+        """The server's environment: this interpreter's bin first on PATH, its LIBDIR first on LD_LIBRARY_PATH."""
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH", "")) if p)
+        libdir = sysconfig.get_config_var("LIBDIR")
+        if libdir:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+        env.update(dict(self.options.env))
+        return env
+
+    def _backend_dir(self) -> Path:
+        """A backend folder of symlinks: the bundled backend plus the stub of this Python version.
+
+        A ``tritonserver`` from a Triton container ships its complete backend folder next to it.
+        """
+        dist = _pytriton_dist()
+        if dist is None or not self.binary.resolve().is_relative_to(dist.resolve()):
+            return self.binary.resolve().parent.parent / "backends"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise TritonNotFoundError(f"nvidia-pytriton has no Python backend stub for Python {version} ({stub})")
+        self._workdir = Path(tempfile.mkdtemp(prefix="lance-triton-"))
+        python = self._workdir / "backends" / "python"
+        python.mkdir(parents=True)
+        for target in (dist / "backends/python/libtriton_python.so",
+                       dist / "backends/python/triton_python_backend_utils.py", stub):
+            (python / target.name).symlink_to(target)
+        return python.parent
+
+    def start(self, timeout: float = 300.0) -> TritonServer:
+        """Launch the server and wait until it is ready.
+
+        Raises:
+            ServerStartError: the process exited, or was not ready after ``timeout`` seconds (it is then stopped).
+        """
+        if self.process is not None:
+            raise RuntimeError("this TritonServer was already started")
+        if not self.repo.is_dir():
+            raise FileNotFoundError(f"model repository {self.repo} does not exist")
+        t0 = time.monotonic()
+        try:
+            command = self.command(self._backend_dir())
+            log.info("starting %s", " ".join(command))
+            with open(self.log_path, "wb") as log_file:
+                self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
+                                                stderr=subprocess.STDOUT, env=self.environment(),
+                                                start_new_session=True)
+            while not self._ready():
+                if self.process.poll() is not None:
+                    raise ServerStartError(
+                        f"tritonserver exited with code {self.process.returncode} before it was ready; "
+                        f"log {self.log_path}:\n{self.log_tail()}")
+                if time.monotonic() - t0 > timeout:
+                    raise ServerStartError(f"tritonserver not ready after {timeout:.0f} s; "
+                                           f"log {self.log_path}:\n{self.log_tail()}")
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.monotonic() - t0
+        log.info("tritonserver ready in %.1f s: grpc %s, http %s", self.startup_s, self.grpc_url, self.http_url)
+        return self
+
+    def _ready(self) -> bool:
+        try:
+            with _NO_PROXY.open(f"{self.http_url}/v2/health/ready", timeout=1.0) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def children(self) -> list[ProcessHandle]:
+        """The server's live descendant processes (its Python stubs)."""
+        return [] if self.process is None else descendants(self.process.pid)
+
+    def wait(self) -> int:
+        """Block until the server exits on its own; its exit code."""
+        assert self.process is not None, "wait() before start()"
+        return self.process.wait()
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout`` (default: ``exit_timeout_secs`` + 15 s); wait for the stubs.
+
+        Returns the server's exit code (None if it was never started). Safe to call twice.
+        """
+        if self.process is None:
+            self._remove_workdir()
+            return None
+        timeout = self.options.exit_timeout_secs + 15.0 if timeout is None else timeout
+        # snapshot before signalling: once the server is gone the stubs are reparented and no longer findable
+        self._children.extend(c for c in self.children() if c not in self._children)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not exit %.0f s after SIGTERM: killing it", timeout)
+                self.process.kill()
+                self.process.wait()
+        # the stubs notice their parent is gone ("Non-graceful termination detected") within about 4 s
+        deadline = time.monotonic() + 10.0
+        while any(c.alive() for c in self._children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for child in self._children:
+            if child.alive():
+                log.warning("stub process %d outlived tritonserver: killing it", child.pid)
+                child.kill()
+        self._remove_workdir()
+        return self.process.returncode
+
+    def _remove_workdir(self) -> None:
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def __enter__(self) -> TritonServer:
+        return self if self.process is not None else self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+# --- `lance-trt serve` ---------------------------------------------------------------------------------------
+
+
+def _byte_size(text: str) -> int:
+    """``1048576``, ``64M``/``64MiB``, ``1G``/``1GiB``, ``512K``/``512KiB`` (binary units)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    body = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = body[-1:] if body[-1:] in units else ""
+    try:
+        value = int(body[: len(body) - len(unit)]) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a byte size like 67108864, 64M or 1G, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a byte size >= 0, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"a port in [1, 65535], got {text!r}")
+    return port
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    defaults = ServerOptions()
+    parser = argparse.ArgumentParser(
+        prog="lance-trt serve",
+        description="Serve a Lance model repository with tritonserver until interrupted (Ctrl-C or SIGTERM). "
+                    "Arguments after `--` go to tritonserver unchanged.",
+    )
+    add = parser.add_argument
+    add("--repo", type=Path, metavar="DIR", default=Path("triton_repo"), help="model repository (default: %(default)s)")
+    add("--cpu", action="store_true",
+        help=f"CPU mode: serve configs/{CPU_CONFIG_NAME}.pbtxt (ONNX Runtime stand-ins), no CUDA or pinned memory")
+    add("--address", metavar="ADDR", default=defaults.address, help="interface to bind (default: %(default)s)")
+    add("--grpc-port", type=_port, metavar="PORT", default=DEFAULT_GRPC_PORT, help="(default: %(default)s)")
+    add("--http-port", type=_port, metavar="PORT", default=DEFAULT_HTTP_PORT, help="(default: %(default)s)")
+    add("--metrics-port", type=_port, metavar="PORT", default=DEFAULT_METRICS_PORT, help="(default: %(default)s)")
+    add("--cuda-memory-pool-byte-size", type=_byte_size, metavar="BYTES", default=defaults.cuda_memory_pool_byte_size,
+        help="CUDA memory pool of GPU 0 (default: %(default)s)")
+    add("--pinned-memory-pool-byte-size", type=_byte_size, metavar="BYTES",
+        default=defaults.pinned_memory_pool_byte_size, help="(default: %(default)s; 0 with --cpu)")
+    add("--shm-default-byte-size", type=_byte_size, metavar="BYTES", default=defaults.shm_default_byte_size,
+        help="Python backend: initial shared memory per model instance (default: %(default)s)")
+    add("--shm-growth-byte-size", type=_byte_size, metavar="BYTES", default=defaults.shm_growth_byte_size,
+        help="Python backend: shared memory growth step (default: %(default)s)")
+    add("--stub-timeout-seconds", type=int, metavar="S", default=defaults.stub_timeout_seconds,
+        help="Python backend: how long the server waits on a stub (default: %(default)s)")
+    add("--exit-on-error", action=argparse.BooleanOptionalAction, default=defaults.exit_on_error,
+        help="exit when a model fails to load (default: %(default)s)")
+    add("--model-config-name", metavar="NAME", default=None,
+        help=f"serve configs/NAME.pbtxt of every model (default: none; {CPU_CONFIG_NAME} with --cpu)")
+    add("--log-verbose", type=int, metavar="N", default=defaults.log_verbose, help="(default: %(default)s)")
+    add("--exit-timeout-secs", type=int, metavar="S", default=defaults.exit_timeout_secs,
+        help="on stop, how long in-flight requests may finish (default: %(default)s)")
+    add("--log-file", type=Path, metavar="PATH", default=None,
+        help="server log (default: a new file in the temp folder)")
+    add("--ready-timeout", type=float, metavar="S", default=600.0, help="seconds to wait for readiness")
+    return parser
+
+
+class _Terminated(Exception):
+    """SIGTERM reached `lance-trt serve`."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """`lance-trt serve`: 0 after an interrupt, 2 for a repository that cannot serve Lance, 1 when the server fails."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra: list[str] = []
+    if "--" in argv:
+        argv, extra = argv[: argv.index("--")], argv[argv.index("--") + 1:]
+    args = build_serve_parser().parse_args(argv)
+    repo: Path = args.repo
+    problem = missing_lance_model(repo) if repo.is_dir() else f"{repo} does not exist"
+    if problem is not None:
+        print(f"lance-trt serve: {problem}; fill it with `lance-trt repo ENGINE_DIR --checkpoint DIR` "
+              f"(or `lance-trt demo` for a tiny CPU demo)", file=sys.stderr)
+        return 2
+    try:
+        options = ServerOptions(
+            address=args.address, grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
+            cpu=args.cpu, cuda_memory_pool_byte_size=args.cuda_memory_pool_byte_size,
+            pinned_memory_pool_byte_size=args.pinned_memory_pool_byte_size,
+            shm_default_byte_size=args.shm_default_byte_size, shm_growth_byte_size=args.shm_growth_byte_size,
+            stub_timeout_seconds=args.stub_timeout_seconds, exit_on_error=args.exit_on_error,
+            model_config_name=args.model_config_name, log_verbose=args.log_verbose,
+            exit_timeout_secs=args.exit_timeout_secs, extra_args=tuple(extra),
+        )
+        server = TritonServer(repo, options, log_path=args.log_file)
+    except (ValueError, TritonNotFoundError) as err:
+        print(f"lance-trt serve: {err}", file=sys.stderr)
+        return 2
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        server.start(timeout=args.ready_timeout)
+        print(f"Lance is served: grpc {server.grpc_url}  http {server.http_url}  (log {server.log_path}); "
+              "Ctrl-C stops", flush=True)
+        code = server.wait()
+        print(f"lance-trt serve: tritonserver exited with code {code}; log {server.log_path}:\n{server.log_tail()}",
+              file=sys.stderr)
+        return 1
+    except ServerStartError as err:
+        print(f"lance-trt serve: {err}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, _Terminated):
+        print("lance-trt serve: stopping tritonserver", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)

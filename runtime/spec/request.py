@@ -1,0 +1,291 @@
+"""The wire format of model ``lance``: its request and response tensors, a request and its result as dataclasses,
+validation, and the conversion from and to the request tensors.
+
+The CLI, the pipeline, the BLS model and the gRPC client share this module, so it imports numpy and the standard
+library only. Which inputs exist, which task needs which medium and which outputs a task sends all derive from
+`runtime.spec.registry`; every limit is in `runtime.spec.limits`. Validation rejects, it never rounds or clamps: every
+error is a ``RequestError`` naming the field, the allowed values and what was received.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+
+from runtime.spec import constants, registry
+from runtime.spec.contract import DType, TensorSpec
+from runtime.spec.limits import (
+    CFG_SCALE_RANGE,
+    MAX_IMAGE_BYTES,
+    MAX_NEW_TOKENS_RANGE,
+    MAX_PROMPT_CHARS,
+    MAX_SIZE,
+    MIN_SIZE,
+    SEED_MAX,
+    SIZE_MULTIPLE,
+    STEPS_RANGE,
+)
+
+
+def _tasks_doc(field: str) -> str:
+    return " and ".join(registry.tasks_taking(field))
+
+
+# --- Request and response tensors (stable: new optional inputs/outputs may be added) ---------------------------
+
+LANCE_INPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("task", DType.BYTES, (1,), "one of: " + ", ".join(registry.TASKS)),
+    TensorSpec("prompt", DType.BYTES, (1,), "UTF-8 " + ", ".join(f"{t.prompt} ({t.name})"
+                                                                  for t in registry.TASKS.values())),
+    TensorSpec("image", DType.BYTES, (1,), f"encoded PNG or JPEG: required for {_tasks_doc('image')}", optional=True),
+    TensorSpec("height", DType.INT64, (1,), f"output height, multiple of {SIZE_MULTIPLE} in [{MIN_SIZE}, {MAX_SIZE}]",
+               optional=True),
+    TensorSpec("width", DType.INT64, (1,), f"output width, multiple of {SIZE_MULTIPLE} in [{MIN_SIZE}, {MAX_SIZE}]",
+               optional=True),
+    TensorSpec("steps", DType.INT64, (1,), f"denoising steps in [{STEPS_RANGE[0]}, {STEPS_RANGE[1]}]", optional=True),
+    TensorSpec("seed", DType.INT64, (1,), "noise seed in [0, 2**32-1]", optional=True),
+    TensorSpec("max_new_tokens", DType.INT64, (1,),
+               f"{_tasks_doc('max_new_tokens')} answer budget in [{MAX_NEW_TOKENS_RANGE[0]}, {MAX_NEW_TOKENS_RANGE[1]}]",
+               optional=True),
+    TensorSpec("cfg_scale", DType.FP32, (1,), f"text guidance scale in [{CFG_SCALE_RANGE[0]:g}, {CFG_SCALE_RANGE[1]:g}]",
+               optional=True),
+)
+
+_OUTPUT_OF_KIND = {
+    "image": TensorSpec("image", DType.UINT8, ("H", "W", 3), "generated image, final response"),
+    "text": TensorSpec("text", DType.BYTES, (1,), "UTF-8 answer, final response"),
+}
+
+LANCE_OUTPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("progress", DType.INT64, (2,), "(done, total) per denoise step or generated token"),
+    *(_OUTPUT_OF_KIND[kind] for kind in registry.OUTPUT_KINDS),
+    # Triton 2.51's Python backend cannot attach response parameters, so per-stage timings travel as a tensor.
+    TensorSpec("timings", DType.BYTES, (1,), "JSON object of per-stage seconds, final response"),
+)
+
+
+def by_name(specs: tuple[TensorSpec, ...]) -> Mapping[str, TensorSpec]:
+    """Index a spec tuple by tensor name."""
+    return {spec.name: spec for spec in specs}
+
+
+ProgressCallback = Callable[[int, int], None]
+"""``on_progress(done, total)``: called after each denoise step or generated token."""
+
+
+class RequestError(ValueError):
+    """A request field is missing or invalid. ``str()`` is ``"<field>: <message>"``.
+
+    Attributes:
+        field: the request field (a ``LANCE_INPUTS`` name) at fault.
+        message: what is allowed and what was received.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class Cancelled(Exception):
+    """The client cancelled the request; raised by the pipeline between denoise steps or generated tokens."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One Lance request. Defaults are upstream's (``constants``); ``validate()`` checks every field.
+
+    Attributes:
+        task: one of ``registry.TASKS``.
+        prompt: the prompt, question or instruction (`registry.Task.prompt`); UTF-8 text.
+        image: the encoded input image (PNG or JPEG bytes) for the tasks that take one; None otherwise.
+        height, width: output size in pixels (t2i, edit).
+        steps: denoising steps (t2i, edit).
+        seed: seed of the initial noise.
+        max_new_tokens: answer budget (x2t).
+        cfg_scale: text classifier-free guidance scale (t2i, edit).
+
+    Fields are in `LANCE_INPUTS` order and carry its names.
+    """
+
+    task: str
+    prompt: str
+    image: bytes | None = None
+    height: int = constants.DEFAULT_HEIGHT
+    width: int = constants.DEFAULT_WIDTH
+    steps: int = constants.DEFAULT_STEPS
+    seed: int = constants.DEFAULT_SEED
+    max_new_tokens: int = constants.DEFAULT_MAX_NEW_TOKENS
+    cfg_scale: float = constants.DEFAULT_CFG_SCALE
+
+    def validate(self) -> GenerationRequest:
+        """Check every field; returns ``self`` so calls chain.
+
+        Raises:
+            RequestError: the first invalid field, in declaration order.
+        """
+        if not isinstance(self.task, str) or self.task not in registry.TASKS:
+            raise RequestError("task", f"must be one of {', '.join(registry.TASKS)}; got {self.task!r}")
+        if not isinstance(self.prompt, str):
+            raise RequestError("prompt", f"must be text, got {type(self.prompt).__name__}")
+        if not self.prompt.strip():
+            raise RequestError("prompt", "must not be empty")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise RequestError("prompt", f"at most {MAX_PROMPT_CHARS} characters, got {len(self.prompt)}")
+        self._validate_image()
+        for name in ("height", "width"):
+            value = _integer(name, getattr(self, name))
+            if not (MIN_SIZE <= value <= MAX_SIZE and value % SIZE_MULTIPLE == 0):
+                raise RequestError(name, f"must be a multiple of {SIZE_MULTIPLE} in [{MIN_SIZE}, {MAX_SIZE}], got {value}")
+        _check_range("steps", _integer("steps", self.steps), STEPS_RANGE)
+        _check_range("seed", _integer("seed", self.seed), (0, SEED_MAX))
+        _check_range("max_new_tokens", _integer("max_new_tokens", self.max_new_tokens), MAX_NEW_TOKENS_RANGE)
+        if isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, (int, float, np.floating)):
+            raise RequestError("cfg_scale", f"must be a number, got {type(self.cfg_scale).__name__}")
+        low, high = CFG_SCALE_RANGE
+        if not (math.isfinite(self.cfg_scale) and low <= self.cfg_scale <= high):
+            raise RequestError("cfg_scale", f"must be a finite number in [{low:g}, {high:g}], got {self.cfg_scale!r}")
+        return self
+
+    def _validate_image(self) -> None:
+        takes_image = "image" in registry.TASKS[self.task].media
+        if self.image is None:
+            if takes_image:
+                raise RequestError("image", f"required for {self.task} (an encoded PNG or JPEG)")
+            return
+        if not takes_image:
+            raise RequestError("image", f"only {_tasks_doc('image')} take an image; {self.task} does not")
+        if not isinstance(self.image, bytes):
+            raise RequestError("image", f"must be the encoded file as bytes, got {type(self.image).__name__}")
+        if not self.image:
+            raise RequestError("image", "is empty")
+        if len(self.image) > MAX_IMAGE_BYTES:
+            raise RequestError("image", f"at most {MAX_IMAGE_BYTES} bytes encoded, got {len(self.image)}")
+
+
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise RequestError(name, f"must be an integer, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _check_range(name: str, value: int, bounds: tuple[int, int]) -> None:
+    if not bounds[0] <= value <= bounds[1]:
+        raise RequestError(name, f"must be in [{bounds[0]}, {bounds[1]}], got {value}")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What a request produced: an image (t2i, edit) or a text answer (x2t), and per-stage timings.
+
+    Attributes:
+        image: (H, W, 3) uint8 RGB, or None.
+        text: the decoded answer, or None.
+        token_ids: the generated token ids of an x2t answer (without the end token), or None.
+        timings: seconds per pipeline stage, e.g. ``{"prefill": 0.12, "denoise": 3.4, "vae_decode": 0.2}``.
+    """
+
+    image: np.ndarray | None = None
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.image is None) == (self.text is None):
+            raise ValueError("a GenerationResult holds exactly one of image and text")
+        image = self.image
+        if image is not None and (image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3):
+            raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+
+
+# --- Triton request tensors ------------------------------------------------------------------------------------
+
+_INPUTS = by_name(LANCE_INPUTS)
+_REQUIRED = tuple(spec.name for spec in LANCE_INPUTS if not spec.optional)
+
+
+def wire_dtype(dtype: np.dtype) -> str:
+    """Triton's wire name of a numpy dtype (``INT64``, ``FP32``, ``BYTES``, ...), for error messages."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "OSU":
+        return "BYTES"
+    if dtype.kind == "f":
+        return f"FP{dtype.itemsize * 8}"
+    return dtype.name.upper()
+
+
+def _describe(dtype: str, shape: tuple[int, ...]) -> str:
+    return f"{dtype} [{', '.join(str(d) for d in shape)}]"
+
+
+def request_from_tensors(inputs: Mapping[str, np.ndarray]) -> GenerationRequest:
+    """Build and validate a request from the tensors of one Triton request.
+
+    Args:
+        inputs: tensor name -> array as ``pb_utils.Tensor.as_numpy()`` gives it: BYTES as an object array of
+            ``bytes``, INT64 as int64, FP32 as float32; each of shape [1]. Absent optional inputs take the defaults.
+
+    Raises:
+        RequestError: an unknown or missing input, a wrong dtype or shape, text that is not UTF-8, or a field that
+            fails ``GenerationRequest.validate``.
+    """
+    for name in inputs:
+        if name not in _INPUTS:
+            raise RequestError(name, f"unknown input; the inputs are {', '.join(_INPUTS)}")
+    for name in _REQUIRED:
+        if name not in inputs:
+            raise RequestError(name, "required input is missing")
+    values = {name: _scalar(_INPUTS[name], np.asarray(array)) for name, array in inputs.items()}
+    return GenerationRequest(**values).validate()
+
+
+def _scalar(spec: TensorSpec, array: np.ndarray) -> object:
+    """The Python value of a one-element request tensor, after dtype, shape and UTF-8 checks."""
+    expected = spec.dtype.numpy
+    ok_dtype = array.dtype.kind in "OS" if spec.dtype is DType.BYTES else array.dtype == expected
+    if not ok_dtype or array.shape != spec.shape:
+        raise RequestError(spec.name, f"expected {_describe(wire_dtype(np.dtype(expected)), spec.shape)}, "
+                                      f"got {_describe(wire_dtype(array.dtype), array.shape)}")
+    value = array.reshape(-1)[0]
+    if spec.dtype is DType.INT64:
+        return int(value)
+    if spec.dtype is DType.FP32:
+        return float(value)
+    assert spec.dtype is DType.BYTES, f"no conversion for {spec.dtype}"
+    if not isinstance(value, bytes):
+        raise RequestError(spec.name, f"expected bytes in a BYTES tensor, got {type(value).__name__}")
+    if spec.name == "image":
+        return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RequestError(spec.name, f"not valid UTF-8 (byte {err.start})") from None
+
+
+def request_to_tensors(request: GenerationRequest, *, only: set[str] | None = None) -> dict[str, np.ndarray]:
+    """The Triton input tensors of ``request`` (the inverse of ``request_from_tensors``).
+
+    Args:
+        request: the request; not validated here (the server validates).
+        only: names of the optional inputs to send (None: all that are set); required inputs are always sent.
+    """
+    tensors: dict[str, np.ndarray] = {}
+    for spec in LANCE_INPUTS:
+        value = getattr(request, spec.name)
+        if value is None or (spec.optional and only is not None and spec.name not in only):
+            continue
+        if spec.dtype is DType.BYTES:
+            if not isinstance(value, (bytes, str)):
+                raise RequestError(spec.name, f"expected text or bytes, got {type(value).__name__}")
+            data = value.encode("utf-8") if isinstance(value, str) else value
+            tensors[spec.name] = np.array([data], dtype=np.object_)
+        else:
+            try:
+                tensors[spec.name] = np.array([value], dtype=spec.dtype.numpy)
+            except (OverflowError, TypeError, ValueError):
+                raise RequestError(spec.name, f"{value!r} does not fit "
+                                              f"{wire_dtype(np.dtype(spec.dtype.numpy))}") from None
+    return tensors
