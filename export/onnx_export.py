@@ -440,17 +440,19 @@ def read_graph(path: str | Path) -> GraphInfo:
 
 def _source_digest(checkpoint: Path) -> str:
     """Hash of everything an export depends on: checkpoint files, the exporting code, library versions."""
-    import runtime.spec.contract
-    import runtime.runners.graphs
+    import runtime.models.layers
     import runtime.models.mot
     import runtime.models.vae
     import runtime.models.vit
+    import runtime.runners.graphs
+    import runtime.spec.contract
+    import runtime.spec.limits
 
     digest = hashlib.sha256()
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(checkpoint)).encode() + file_sha256(path).encode())
-    for module in (runtime.spec.contract, runtime.runners.graphs, runtime.models.mot, runtime.models.vae,
-                   runtime.models.vit, sys.modules[__name__]):
+    for module in (runtime.spec.contract, runtime.spec.limits, runtime.runners.graphs, runtime.models.layers,
+                   runtime.models.mot, runtime.models.vae, runtime.models.vit, sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(f"{torch.__version__} {onnx.__version__} {onnxscript.__version__}".encode())
     return digest.hexdigest()[:16]

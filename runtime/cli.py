@@ -35,13 +35,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--video", action="store_true", help="add Lance_3B_Video/")
 
-    from runtime.runners.factory import RUNNERS
-
     p = sub.add_parser("run", help="run a task in-process")
     p.add_argument("task", choices=tuple(registry.TASKS),
                    help="; ".join(f"{task.name}: {task.summary}" for task in registry.TASKS.values()))
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (HF layout) or HF repo id")
-    p.add_argument("--runner", choices=RUNNERS, default=RUNNERS[0])
+    p.add_argument("--runner", choices=registry.RUNNERS, default=registry.RUNNERS[0])
     p.add_argument("--engines", type=Path, help="engine folder (ONNX / plans) for the onnxruntime and tensorrt runners")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -100,12 +98,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from runtime.pipeline import LancePipeline, progress_bar
     from runtime.pipeline.core import PRECISION_DTYPES
+    from runtime.runners import EngineError
     from runtime.spec.request import GenerationRequest, RequestError
 
     try:
         image = args.image.read_bytes() if args.image is not None else None
     except OSError as err:
-        print(f"lance-trt: image: cannot read {args.image}: {err.strerror}", file=sys.stderr)
+        print(f"lance-trt: --image {args.image}: cannot read it: {err.strerror}", file=sys.stderr)
         return 2
     request = GenerationRequest(
         task=args.task, prompt=args.prompt, image=image, height=args.height, width=args.width, steps=args.steps,
@@ -124,9 +123,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with progress_bar(request) as on_progress:
             result = pipeline.generate(request, on_progress=on_progress)
     except RequestError as err:
-        print(f"lance-trt: {err}", file=sys.stderr)
+        where = f"--image {args.image}" if err.field == "image" and args.image is not None else err.field
+        print(f"lance-trt: {where}: {err.message}", file=sys.stderr)
         return 2
-    except ValueError as err:    # a runner/device/precision combination that cannot run
+    except (ValueError, EngineError) as err:    # a backend, engine file or device that cannot run: one line
         print(f"lance-trt: {err}", file=sys.stderr)
         return 2
     if result.text is not None:

@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -268,19 +267,21 @@ def test_resolve_local_folder_and_bad_names(tiny: Path, tmp_path: Path) -> None:
 
 
 def test_offline_without_local_copy_fails_fast(tmp_path: Path) -> None:
+    """Offline and with no local copy, the loader says what to do without trying the network: any connection attempt
+    in the child raises (so no retry loop or timeout can hide behind a slow failure)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": str(REPO)}
     for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_ENDPOINT"):
         env.pop(name, None)
-    script = ("from runtime.models.checkpoint import CheckpointError, resolve_checkpoint\n"
+    script = ("import socket\n"
+              "def refuse(*args, **kwargs):\n    raise SystemExit('a network connection was attempted')\n"
+              "socket.socket.connect = socket.socket.connect_ex = socket.create_connection = refuse\n"
+              "from runtime.models.checkpoint import CheckpointError, resolve_checkpoint\n"
               "try:\n    resolve_checkpoint('bytedance-research/Lance')\n"
               "except CheckpointError as err:\n    print(err)\n    raise SystemExit(3)\n")
-    start = time.monotonic()
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
-                            timeout=60)
-    elapsed = time.monotonic() - start
+                            timeout=120)
     assert result.returncode == 3, result.stderr
     message = result.stdout
-    assert elapsed < 10, f"took {elapsed:.1f} s"
     for needle in ("bytedance-research/Lance", "HF_HUB_OFFLINE", "Lance_3B/model.safetensors",
                    "Wan2.2_VAE.pth", "lance-trt download"):
         assert needle in message, (needle, message)

@@ -46,3 +46,35 @@ def test_errors_name_the_field(tiny_checkpoint: Path, tmp_path: Path, capsys) ->
     assert "image" in capsys.readouterr().err
     assert main(["run", "t2i", "--checkpoint", str(tiny_checkpoint), "--prompt", "x"]) == 2
     assert "--output" in capsys.readouterr().err
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """What the command said besides its INFO logs."""
+    return [line for line in stderr.splitlines() if line and not line.startswith("INFO ")]
+
+
+def test_missing_backend_or_engines_is_one_line(tiny_checkpoint: Path, engine_dir: Path, tmp_path: Path,
+                                                capsys) -> None:
+    """No traceback: a runner that cannot start says why in one line, exit 2."""
+    common = ["--checkpoint", str(tiny_checkpoint), "--prompt", "x", "--height", "256", "--width", "256", "--steps",
+              "1", "-o", str(tmp_path / "x.png")]
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert main(["run", "t2i", "--runner", "tensorrt", "--engines", str(engine_dir), *common]) == 2
+        (line,) = _error_lines(capsys.readouterr().err)
+        assert line.startswith("lance-trt: TensorRT is not available") and "Traceback" not in line
+    assert main(["run", "t2i", "--runner", "onnxruntime", "--engines", str(tmp_path / "none"), *common]) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert line.startswith("lance-trt: engine 'vit':") and "does not exist; run lance-trt export" in line
+
+
+def test_image_errors_name_the_file(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "notes.txt"
+    bad.write_text("plain text")
+    assert main(["run", "x2t", "--checkpoint", str(tiny_checkpoint), "--image", str(bad), "--prompt", "q"]) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert line == f"lance-trt: --image {bad}: not a decodable PNG/JPEG/WEBP image (it starts with b'plain te')"
+    assert main(["run", "x2t", "--checkpoint", str(tiny_checkpoint), "--image", str(tmp_path / "gone.png"),
+                 "--prompt", "q"]) == 2
+    assert f"--image {tmp_path / 'gone.png'}: cannot read it" in capsys.readouterr().err

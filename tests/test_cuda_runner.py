@@ -35,12 +35,24 @@ from runtime.models.vit import VisionConfig
 from tests.parity import compare, randomize
 
 Z = 48
-NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="CUDA graphs need a CUDA GPU; this machine has none")
+
+
+def _fp8_skip_reason(device: str) -> str | None:
+    """Why the FP8 GEMM cannot run on ``device`` here, or None: no CUDA GPU, a GPU before sm89, or a
+    ``torch._scaled_mm`` without row-wise scales (torch 2.11's CPU kernel takes per-tensor scales only)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "needs a CUDA GPU; this machine has none"
+    if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        return f"needs FP8 tensor cores (sm89+); this GPU is sm{''.join(map(str, torch.cuda.get_device_capability()))}"
+    if not _rowwise_scaled_mm_on(device):
+        return f"torch {torch.__version__}'s _scaled_mm on {device} takes no row-wise scales"
+    return None
 
 
 def _rowwise_scaled_mm_on(device: str) -> bool:
-    """Whether ``torch._scaled_mm`` takes row-wise scales on ``device`` (CUDA from sm89; the CPU from torch 2.12:
-    torch 2.11's CPU kernel takes per-tensor scales only)."""
+    """Whether ``torch._scaled_mm`` takes row-wise scales on ``device``."""
     if device == "cuda" and not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)):
         return False
     data = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
@@ -53,7 +65,7 @@ def _rowwise_scaled_mm_on(device: str) -> bool:
 
 
 FP8_DEVICES = [pytest.param(device, marks=pytest.mark.skipif(
-    not _rowwise_scaled_mm_on(device), reason=f"torch._scaled_mm on {device} here takes no row-wise scales"))
+    _fp8_skip_reason(device) is not None, reason=str(_fp8_skip_reason(device))))
     for device in ("cpu", "cuda")]
 
 

@@ -212,8 +212,15 @@ def png_header_only(width: int, height: int) -> bytes:
     (png_header_only(100_000, 100_000), "not a decodable|over the limit"),  # Pillow's own bomb guard
 ])
 def test_load_image_rejects(data: bytes, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as err:
         load_image(data)
+    assert "<_io." not in str(err.value) and " object at 0x" not in str(err.value)
+
+
+def test_unrecognised_data_is_described_not_the_stream() -> None:
+    with pytest.raises(ValueError) as err:
+        load_image(b"GIF89a, not accepted")
+    assert str(err.value) == "not a decodable PNG/JPEG/WEBP image (it starts with b'GIF89a, ')"
 
 
 def test_load_image_pixel_limit_argument() -> None:

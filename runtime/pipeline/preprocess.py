@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from runtime.spec import constants
 from runtime.models.vit import VisionConfig
@@ -78,6 +78,11 @@ def load_image(
     with stream:
         try:
             image = Image.open(stream, formats=list(formats))
+        except UnidentifiedImageError:
+            # Pillow's own message names the stream object ("<_io.BytesIO object at 0x...>"): say what came instead.
+            stream.seek(0)
+            start = stream.read(8)
+            raise ValueError(f"not a decodable {'/'.join(formats)} image (it starts with {start!r})") from None
         except Exception as err:  # noqa: BLE001
             raise ValueError(f"not a decodable {'/'.join(formats)} image: {err}") from None
         width, height = image.size

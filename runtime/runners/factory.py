@@ -15,6 +15,7 @@ import torch
 from runtime.runners import EngineError, Engines, Runner, TorchRunner
 from runtime.runners.graphs import VaeDecodeGraph, VaeEncodeGraph, graph_modules
 from runtime.spec.contract import ENGINES, EngineSpec, engine_specs
+from runtime.spec.registry import RUNNERS
 
 if TYPE_CHECKING:
     from runtime.models.checkpoint import LanceModels
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RUNNERS = ("torch", "onnxruntime", "tensorrt")
-"""The backends of ``--runner``: the PyTorch modules, the exported graphs in ONNX Runtime, TensorRT plans."""
 FILE_SUFFIXES = {"onnxruntime": ".onnx", "tensorrt": ".plan"}
 """The engine file each file-based backend runs, ``<engine><suffix>`` in a precision folder."""
 

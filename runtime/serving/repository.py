@@ -62,7 +62,8 @@ MODEL_TEMPLATES = {LANCE_MODEL: "lance_model.py", **{model: "engine_model.py" fo
 VERSION = "1"
 DEFAULT_MAX_QUEUE_SIZE = 16
 DEFAULT_CHILD_TIMEOUT_S = 600.0
-MOT_RUNNERS = ("tensorrt", "onnxruntime", "torch")
+GPU_MOT_RUNNERS = tuple(runner for runner in registry.RUNNERS if runner != "onnxruntime")
+"""How ``lance`` runs ``mot`` in the GPU set (ONNX Runtime serves the CPU set)."""
 _INSTALLED_SUFFIXES = (".plan", ".onnx", ".onnx.data", ".json")
 
 
@@ -368,8 +369,8 @@ def write_repository(
     """
     if precision not in PRECISIONS:
         raise RepoError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if mot_runner not in ("tensorrt", "torch"):
-        raise RepoError(f"--mot-runner must be tensorrt or torch, got {mot_runner!r}")
+    if mot_runner not in GPU_MOT_RUNNERS:
+        raise RepoError(f"--mot-runner must be one of {', '.join(GPU_MOT_RUNNERS)}, got {mot_runner!r}")
     if max_queue_size < 1:
         raise RepoError(f"--max-queue-size must be >= 1, got {max_queue_size}")
     if not gpus or min(gpus) < 0:
@@ -528,7 +529,8 @@ class LanceSettings:
         """
         if "checkpoint" not in params:
             raise ConfigError(f"model {model!r}: parameter 'checkpoint' is not set (run lance-trt repo)")
-        runner = parse_choice(model, "mot_runner", params.get("mot_runner", "onnxruntime"), MOT_RUNNERS)
+        runner = parse_choice(model, "mot_runner", params.get("mot_runner", "onnxruntime"),
+                              registry.RUNNERS)
         engine = None
         if runner != "torch":
             key = "mot_engine"
@@ -599,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", type=Path, default=Path("triton_repo"), help="model repository (default: %(default)s)")
     add("--precision", choices=PRECISIONS, default="bf16", help="plans to install (default: %(default)s)")
     add("--gpus", type=_gpu_list, default=[0], help="GPU ids served, one instance each (default: 0)")
-    add("--mot-runner", choices=("tensorrt", "torch"), default="tensorrt",
+    add("--mot-runner", choices=GPU_MOT_RUNNERS, default="tensorrt",
         help="how lance runs mot in the GPU set (default: %(default)s)")
     add("--max-queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE,
         help="requests that may wait for lance; more are refused (default: %(default)s)")

@@ -60,6 +60,10 @@ class Task:
     run: str
 
 
+RUNNERS = ("torch", "onnxruntime", "tensorrt")
+"""The backends an engine runs on (``--runner``): the PyTorch modules, the exported graphs in ONNX Runtime, TensorRT
+plans. `runtime.runners.factory` is the one place that chooses among them."""
+
 ENGINES: dict[str, Engine] = {engine.name: engine for engine in (
     Engine("vit", "Qwen2.5-VL vision tower: patches -> LLM rows", "lance_vit"),
     Engine("mot", "one step of the MoT LLM over a block of rows against the KV cache", None),
