@@ -15,7 +15,7 @@ from pathlib import Path
 
 from runtime.spec import constants, registry
 from runtime.spec.contract import PRECISIONS
-from runtime.spec.flags import add_generation_options
+from runtime.spec.flags import ProgressBar, add_generation_options
 
 log = logging.getLogger("lance_trt")
 
@@ -96,7 +96,7 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from runtime.pipeline import LancePipeline, progress_bar
+    from runtime.pipeline import LancePipeline
     from runtime.pipeline.core import PRECISION_DTYPES
     from runtime.runners import EngineError
     from runtime.spec.request import GenerationRequest, RequestError
@@ -120,8 +120,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             args.checkpoint, runner=args.runner, engine_dir=args.engines, device=args.device,
             dtype=PRECISION_DTYPES[args.precision], fp8_gen=args.fp8_gen, fp8_fast_accum=args.fp8_fast_accum,
         )
-        with progress_bar(request) as on_progress:
-            result = pipeline.generate(request, on_progress=on_progress)
+        bar = ProgressBar("token" if registry.TASKS[args.task].output == "text" else "step")
+        try:
+            result = pipeline.generate(request, on_progress=bar.update)
+        finally:
+            bar.close()
     except RequestError as err:
         where = f"--image {args.image}" if err.field == "image" and args.image is not None else err.field
         print(f"lance-trt: {where}: {err.message}", file=sys.stderr)

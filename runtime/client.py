@@ -33,7 +33,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from runtime.spec import registry
-from runtime.spec.flags import add_task_subcommands, check_task_arguments
+from runtime.spec.flags import ProgressBar, add_task_subcommands, check_task_arguments
 from runtime.spec.endpoints import DEFAULT_GRPC_PORT, LANCE_MODEL
 from runtime.spec.request import (
     LANCE_OUTPUTS,
@@ -241,30 +241,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.image is not None and not args.image.is_file():
         parser.error(f"--image: {args.image} is not a readable file")
 
-    from tqdm import tqdm
-
-    unit = "token" if registry.TASKS[args.task].output == "text" else "step"
-    with tqdm(total=None, unit=unit, file=sys.stderr, disable=args.quiet, dynamic_ncols=True) as bar:
-
-        def on_progress(done: int, total: int) -> None:
-            if bar.total != total:
-                bar.reset(total=total)
-            bar.update(done - bar.n)
-
-        try:
-            result = LanceClient(args.url).generate(
-                args.task, args.prompt, args.image, height=args.height, width=args.width, steps=args.steps,
-                seed=args.seed, cfg_scale=args.cfg_scale, max_new_tokens=args.max_new_tokens,
-                on_progress=on_progress, timeout=args.timeout,
-            )
-        except LanceClientError as err:
-            bar.close()
-            print(f"lance-client: {err}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            bar.close()
-            print("lance-client: cancelled", file=sys.stderr)
-            return 130
+    bar = ProgressBar("token" if registry.TASKS[args.task].output == "text" else "step", disable=args.quiet)
+    try:
+        result = LanceClient(args.url).generate(
+            args.task, args.prompt, args.image, height=args.height, width=args.width, steps=args.steps,
+            seed=args.seed, cfg_scale=args.cfg_scale, max_new_tokens=args.max_new_tokens,
+            on_progress=bar.update, timeout=args.timeout,
+        )
+    except LanceClientError as err:
+        bar.close()
+        print(f"lance-client: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        bar.close()
+        print("lance-client: cancelled", file=sys.stderr)
+        return 130
+    bar.close()
     if result.text is not None:
         print(result.text)
         return 0

@@ -191,3 +191,22 @@ def _wait_for_log(server: TritonServer, text: str, count: int, timeout: float = 
     while server.log_path.read_text().count(text) < count:
         assert time.monotonic() < deadline, f"{text!r} did not reach {count} in the server log"
         time.sleep(0.05)
+
+
+def test_progress_bar_waits_for_the_total() -> None:
+    """Nothing is drawn before the first progress response (no "0step [00:00, ?step/s]"), and one 100 % at the
+    end."""
+    import io
+
+    from runtime.spec.flags import ProgressBar
+
+    out = io.StringIO()
+    bar = ProgressBar("step", file=out)
+    bar.close()                      # a request that failed before any progress
+    assert out.getvalue() == ""
+    for done in range(1, 5):
+        bar.update(done, 4)
+    bar.close()
+    text = out.getvalue()
+    assert "0step [" not in text and "0/4" in text     # drawn only with its total
+    assert text.count("100%") == 1 and "4/4" in text

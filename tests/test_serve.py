@@ -3,7 +3,9 @@ behaviours its docstring reports (bounded queue, cancellation reaching a Python 
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,8 +22,10 @@ from runtime.serving.server import (
     ServerStartError,
     TritonServer,
     build_serve_parser,
+    default_log_path,
     descendants,
     free_port,
+    listens_on,
     serve_main,
 )
 from tests.triton_harness import (
@@ -163,6 +167,43 @@ def test_unpopulated_repo_gets_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     assert "`lance-trt repo ENGINE_DIR --checkpoint DIR`" in err and "`lance-trt demo`" in err and str(repo) in err
 
 
+@pytest.mark.parametrize("option", ["--grpc-port", "--http-port", "--metrics-port"])
+def test_taken_port_is_refused_up_front(tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str) -> None:
+    """Another listener on a port: one line naming the option, exit 2, and no tritonserver started (it would exit
+    with "Socket already in use" while the other listener answered the readiness polls)."""
+    write_lance_standin(tmp_path / "repo")
+    ports = {name: free_port() for name in ("--grpc-port", "--http-port", "--metrics-port")}
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", ports[option]))
+        other.listen()
+        argv = ["--repo", str(tmp_path / "repo"), "--cpu", *(a for item in ports.items() for a in map(str, item))]
+        assert serve_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"lance-trt serve: {option} {ports[option]}: 127.0.0.1:{ports[option]} is already in use (another "
+                   "server?); stop it or choose another port\n")
+    assert not (tmp_path / "tritonserver.log").exists()
+
+
+def test_listens_on_tells_processes_apart() -> None:
+    port = free_port()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        assert listens_on(os.getpid(), port) is True
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            assert listens_on(other.pid, port) is False
+        finally:
+            other.kill()
+            other.wait()
+    assert listens_on(os.getpid(), port) is False
+
+
+def test_serve_logs_beside_the_repository(tmp_path: Path) -> None:
+    assert default_log_path(tmp_path / "triton_repo") == tmp_path.resolve() / "tritonserver.log"
+    assert build_serve_parser().parse_args([]).log_file is None   # None means default_log_path, not the temp folder
+
+
 # --- a real server ---------------------------------------------------------------------------------------------
 
 
@@ -197,10 +238,8 @@ def test_start_ready_stop(tmp_path: Path) -> None:
 def test_start_failure_reports_log_tail(tmp_path: Path) -> None:
     write_model(tmp_path / "repo", "broken", ECHO_CONFIG, FAILING_PY)
     server = TritonServer(tmp_path / "repo", ServerOptions(cpu=True), log_path=tmp_path / "log.txt")
-    t0 = time.monotonic()
     with pytest.raises(ServerStartError, match="initialize failed on purpose 4711"):
         server.start(timeout=120)
-    assert time.monotonic() - t0 < 60
     assert server.process.returncode not in (None, 0)
     assert ProcessHandle.of(server.pid) is None
 

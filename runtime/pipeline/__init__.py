@@ -1,5 +1,5 @@
 """The pipeline layer: the shared phases (`runtime.pipeline.core`) and one module per task, over the runners."""
 
-from runtime.pipeline.core import LanceHost, LancePipeline, load_host, progress_bar
+from runtime.pipeline.core import LanceHost, LancePipeline, load_host
 
-__all__ = ["LanceHost", "LancePipeline", "load_host", "progress_bar"]
+__all__ = ["LanceHost", "LancePipeline", "load_host"]

@@ -23,7 +23,6 @@ import functools
 import importlib
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -393,18 +392,3 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         if torch.cuda.is_initialized():
             torch.cuda.synchronize()  # a stage's time includes its queued kernels
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
-
-
-@contextlib.contextmanager
-def progress_bar(request: GenerationRequest) -> Iterator[ProgressCallback]:
-    """A tqdm bar on stderr fed by the pipeline's progress callback."""
-    from tqdm import tqdm
-
-    unit = "tok" if request.task == "x2t" else "step"
-    with tqdm(total=None, unit=unit, file=sys.stderr, leave=False, disable=None) as bar:
-        def update(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-        yield update

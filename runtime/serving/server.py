@@ -99,6 +99,10 @@ class ServerStartError(RuntimeError):
     """tritonserver exited or did not become ready; the message ends with the tail of its log."""
 
 
+class PortInUseError(ServerStartError):
+    """A port the server was told to use is already taken; the message names the option and the address."""
+
+
 def find_tritonserver() -> Path:
     """The ``tritonserver`` binary: on PATH if there is one, else the one bundled in nvidia-pytriton.
 
@@ -141,6 +145,39 @@ def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((address, 0))
         return sock.getsockname()[1]
+
+
+def port_in_use(address: str, port: int) -> bool:
+    """Whether something listens on ``address:port``: a bind probe (``SO_REUSEADDR``, so a closed connection lingering
+    in TIME_WAIT does not count; a listener does, even one with ``SO_REUSEPORT``)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address.strip("[]"), port))
+        except OSError:
+            return True
+    return False
+
+
+def listens_on(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds a TCP socket listening on ``port`` (Linux ``/proc``); None where that cannot be
+    read. A readiness answer counts only from the process we started, not from another server on the port."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:   # 0A: LISTEN
+                inodes.add(fields[9])
+    try:
+        sockets = {os.readlink(fd.path) for fd in os.scandir(f"/proc/{pid}/fd")}
+    except OSError:
+        return None
+    return any(f"socket:[{inode}]" in sockets for inode in inodes)
 
 
 def _host_for(address: str) -> str:
@@ -292,7 +329,8 @@ class TritonServer:
     Args:
         repo: the model repository.
         options: server settings.
-        log_path: where the server's stdout and stderr go; a new file in the temp folder when None.
+        log_path: where the server's stdout and stderr go; a new file in the temp folder when None (tests;
+            ``lance-trt serve`` writes ``tritonserver.log`` beside the repository).
     """
 
     def __init__(self, repo: str | os.PathLike[str], options: ServerOptions | None = None, *,
@@ -373,6 +411,7 @@ class TritonServer:
             raise RuntimeError("this TritonServer was already started")
         if not self.repo.is_dir():
             raise FileNotFoundError(f"model repository {self.repo} does not exist")
+        self.check_ports()
         t0 = time.monotonic()
         try:
             command = self.command(self._backend_dir())
@@ -397,12 +436,27 @@ class TritonServer:
         log.info("tritonserver ready in %.1f s: grpc %s, http %s", self.startup_s, self.grpc_url, self.http_url)
         return self
 
+    def check_ports(self) -> None:
+        """Refuse to start on a port something already listens on: tritonserver would fail later ("Socket already in
+        use") while the other listener answered our readiness polls.
+
+        Raises:
+            PortInUseError: naming the option, the address and the port.
+        """
+        for option, port in (("--grpc-port", self.grpc_port), ("--http-port", self.http_port),
+                             ("--metrics-port", self.metrics_port)):
+            if port_in_use(self.options.address, port):
+                raise PortInUseError(f"{option} {port}: {_host_for(self.options.address)}:{port} is already in use "
+                                     "(another server?); stop it or choose another port")
+
     def _ready(self) -> bool:
+        """``/v2/health/ready`` answers 200, and from the process we started."""
         try:
             with _NO_PROXY.open(f"{self.http_url}/v2/health/ready", timeout=1.0) as response:
-                return response.status == 200
+                ready = response.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
+        return ready and listens_on(self.process.pid, self.http_port) is not False
 
     def children(self) -> list[ProcessHandle]:
         """The server's live descendant processes (its Python stubs)."""
@@ -522,9 +576,14 @@ def build_serve_parser() -> argparse.ArgumentParser:
     add("--exit-timeout-secs", type=int, metavar="S", default=defaults.exit_timeout_secs,
         help="on stop, how long in-flight requests may finish (default: %(default)s)")
     add("--log-file", type=Path, metavar="PATH", default=None,
-        help="server log (default: a new file in the temp folder)")
+        help="server log (default: tritonserver.log beside the repository, i.e. in the repository's parent folder)")
     add("--ready-timeout", type=float, metavar="S", default=600.0, help="seconds to wait for readiness")
     return parser
+
+
+def default_log_path(repo: Path) -> Path:
+    """``tritonserver.log`` beside the repository: found where the repository is, not in the temp folder."""
+    return repo.resolve().parent / "tritonserver.log"
 
 
 class _Terminated(Exception):
@@ -558,12 +617,14 @@ def serve_main(argv: list[str] | None = None) -> int:
             model_config_name=args.model_config_name, log_verbose=args.log_verbose,
             exit_timeout_secs=args.exit_timeout_secs, extra_args=tuple(extra),
         )
-        server = TritonServer(repo, options, log_path=args.log_file)
+        server = TritonServer(repo, options, log_path=args.log_file or default_log_path(repo))
     except (ValueError, TritonNotFoundError) as err:
         print(f"lance-trt serve: {err}", file=sys.stderr)
         return 2
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        server.check_ports()
+        print(f"lance-trt serve: starting tritonserver on {repo} (log {server.log_path})", file=sys.stderr, flush=True)
         server.start(timeout=args.ready_timeout)
         print(f"Lance is served: grpc {server.grpc_url}  http {server.http_url}  (log {server.log_path}); "
               "Ctrl-C stops", flush=True)
@@ -571,6 +632,9 @@ def serve_main(argv: list[str] | None = None) -> int:
         print(f"lance-trt serve: tritonserver exited with code {code}; log {server.log_path}:\n{server.log_tail()}",
               file=sys.stderr)
         return 1
+    except PortInUseError as err:
+        print(f"lance-trt serve: {err}", file=sys.stderr)
+        return 2
     except ServerStartError as err:
         print(f"lance-trt serve: {err}", file=sys.stderr)
         return 1

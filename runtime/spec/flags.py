@@ -1,11 +1,13 @@
-"""The generation flags of ``lance-trt run TASK`` and ``lance-client TASK``: one subcommand per registered task, the
-same flag names and defaults on both, derived from `runtime.spec.registry` (standard library only, so the client
-stays free of torch)."""
+"""What ``lance-trt run TASK`` and ``lance-client TASK`` share on the command line: one subcommand per registered
+task, the same generation flags and defaults, derived from `runtime.spec.registry`, and the progress bar (standard
+library only, tqdm imported when a bar is drawn, so the client stays free of torch)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import Any
 
 from runtime.spec import constants, registry
 
@@ -48,3 +50,36 @@ def check_task_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error(f"--image is required for {task.name}")
     if task.output != "text" and args.output is None:
         parser.error(f"-o/--output is required for {task.name}")
+
+
+class ProgressBar:
+    """A tqdm bar on stderr fed by progress responses. It appears with the first response, which carries the total, so
+    nothing is drawn while the request waits or when the connection fails; it is drawn once at 100 % on close.
+
+    Args:
+        unit: what one step of progress is (``step``, ``token``).
+        disable: draw nothing (``--quiet``).
+        file: where the bar goes.
+    """
+
+    def __init__(self, unit: str, *, disable: bool = False, file: Any = None) -> None:
+        self.unit = unit
+        self.disable = disable
+        self.file = file
+        self._bar: Any = None
+
+    def update(self, done: int, total: int) -> None:
+        """The ``on_progress(done, total)`` callback."""
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit=self.unit, file=self.file or sys.stderr, disable=self.disable,
+                             dynamic_ncols=True)
+        elif self._bar.total != total:
+            self._bar.reset(total=total)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
