@@ -1,5 +1,5 @@
-"""The ONNX-TensorRT parser's operator table at TensorRT 10.5, the strictest production target (architecture.md
-"Production target"): which ONNX operators the parser imports, for which element types, with which restrictions.
+"""The ONNX-TensorRT parser's operator table at TensorRT 10.5, the strictest production target (docs/design/engines.md
+§4): which ONNX operators the parser imports, for which element types, with which restrictions.
 
 Source (data, not code): onnx/onnx-tensorrt ``docs/operators.md``. The 10.5 release of the parser is commit
 ``886aff917b63f10a81c5f31e89752a3b46169623`` (the ``parsers/onnx`` submodule of NVIDIA/TensorRT tag ``v10.5.0``), whose

@@ -150,7 +150,7 @@ class LanceClient:
             inputs.append(tensor)
         events: queue.Queue[tuple[grpcclient.InferResult | None, InferenceServerException | None]] = queue.Queue()
 
-        # tritonclient calls the stream callback with keyword arguments (triton_on_cpu.md §2.4)
+        # tritonclient calls the stream callback with keyword arguments (docs/design/serving.md §4.3)
         def callback(result: grpcclient.InferResult | None = None,
                      error: InferenceServerException | None = None) -> None:
             events.put((result, error))

@@ -70,7 +70,7 @@ def test_tiny_key_sets_are_the_real_ones(tiny: Path) -> None:
     for name, keys in expected.items():
         assert set(_keys(tiny / name)) == keys, name
     assert len(expected[VAE_FILE]) == 196
-    # Video: the LLM set plus the ViT tower under vit_model.* (lance_spec.md §7.1).
+    # Video: the LLM set plus the ViT tower under vit_model.* (docs/design/model.md §7.1).
     video = set(_keys(tiny / VIDEO_LLM_FILE))
     assert video == expected[LLM_FILE] | {"vit_model." + k for k in expected[VIT_FILE]}
 

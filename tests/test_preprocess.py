@@ -1,4 +1,4 @@
-"""runtime/preprocess.py: bucket geometry against hand-computed values (lance_spec.md §4.4), patch rows against
+"""runtime/preprocess.py: bucket geometry against hand-computed values (docs/design/model.md §4.4), patch rows against
 transformers' Qwen2-VL image processor and the ViT's Conv3d, upstream's uint8 rounding, and image decoding errors."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The flow-matching schedule against lance_spec.md §3.1's hand table, the CFG interval, the global renorm by hand, and
+"""The flow-matching schedule against docs/design/model.md §3.1's hand table, the CFG interval, the global renorm by
+hand, and
 the Euler step."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 from runtime.spec import constants
 from runtime.pipeline.scheduler import Schedule, apply_cfg, cfg_active, euler_step, make_schedule
 
-# lance_spec.md §3.1: 30 steps, shift 3.5, to 4 decimals.
+# docs/design/model.md §3.1: 30 steps, shift 3.5, to 4 decimals.
 SPEC_TABLE_30_3_5 = (
     1.0, .9902, .98, .9692, .9579, .9459, .9333, .92, .9059, .8909, .875, .8581, .84, .8207, .8, .7778, .7538, .728,
     .7, .6696, .6364, .6, .56, .5158, .4667, .4118, .35, .28, .2, .1077, 0.0,

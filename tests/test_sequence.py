@@ -1,5 +1,5 @@
 """Sequence plans: mRoPE ids against transformers' Qwen2.5-VL `get_rope_index`, the MaPE rules, hand-checked id
-tables for t2i / edit / x2t (lance_spec.md §1.5, §4.5), the cfg_text branch, and split ids against upstream's
+tables for t2i / edit / x2t (docs/design/model.md §1.5, §4.5), the cfg_text branch, and split ids against upstream's
 rendered chat template."""
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def test_mape_shift_copies_noise_ids_only_for_an_equal_sized_reference() -> None
         mape_shift(positions, modality[:-1])
 
 
-# --- Upstream's rendering, written out from its template (lance_spec.md §6) ------------------------------------------
+# --- Upstream's rendering, written out from its template (docs/design/model.md §6) ----------------------------------
 
 
 def _rendered(system: str, user: str, assistant: str) -> str:
@@ -211,7 +211,7 @@ def test_t2i_plan_splits_decode_to_the_template(tokenizer) -> None:
 
 
 def test_t2i_positions_by_hand(tokenizer) -> None:
-    """lance_spec.md §1.5: text 0..L-1, <vs> = (L,L,L), latent (hi, wi) = (L+1, L+1+hi, L+1+wi),
+    """docs/design/model.md §1.5: text 0..L-1, <vs> = (L,L,L), latent (hi, wi) = (L+1, L+1+hi, L+1+wi),
     <ve> = L+1+max(h,w)."""
     for h, w in ((3, 5), (4, 2), (48, 48)):
         plan = plan_t2i(tokenizer, PROMPT, h, w)

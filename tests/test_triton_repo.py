@@ -1,4 +1,4 @@
-"""runtime/triton_repo.py without a server: the generated configs (parsed with Triton's own ModelConfig protobuf, checked
+"""runtime/serving/repository.py without a server: the generated configs (parsed with Triton's own ModelConfig protobuf, checked
 against the contract), the files installed, the paths recorded, and the refusal of plans whose sidecar names another
 contract, TensorRT version or GPU architecture. Plans here are placeholder bytes with real sidecars: the writer never
 reads a plan, and TensorRT cannot run on this machine."""
@@ -292,7 +292,7 @@ def test_written_parameters_parse_back(tmp_path: Path, tiny_checkpoint: Path, sp
 
 @pytest.mark.parametrize("params, words", [
     ({}, "parameter 'checkpoint' is not set"),
-    ({"checkpoint": "c", "mot_runner": "tvm"}, "parameter 'mot_runner' must be one of tensorrt, onnxruntime, torch"),
+    ({"checkpoint": "c", "mot_runner": "tvm"}, "parameter 'mot_runner' must be one of torch, onnxruntime, tensorrt"),
     ({"checkpoint": "c"}, "parameter 'mot_engine' is not set"),
     ({"checkpoint": "c", "mot_engine": "m", "precision": "fp16"}, "parameter 'precision' must be one of fp32, bf16"),
     ({"checkpoint": "c", "mot_engine": "m", "warmup": "no"}, "parameter 'warmup' must be true or false, got 'no'"),

@@ -148,7 +148,7 @@ def test_cache_slots_of_full_config() -> None:
     with torch.device("meta"):
         model = WanVAE()
     enc, dec = model.encoder_cache_slots(), model.decoder_cache_slots()
-    assert (len(enc), len(dec)) == (24, 32)                          # lance_spec.md §5.5
+    assert (len(enc), len(dec)) == (24, 32)                          # docs/design/model.md §5.5
     for part, slots in (("encoder", enc), ("decoder", dec)):
         convs = [f"{part}.{n}" for n, m in getattr(model, part).named_modules() if isinstance(m, WanCausalConv3d)]
         assert [s.name for s in slots] == convs                       # execution order = module order
@@ -224,7 +224,7 @@ def test_image_paths_equal_3d_module_at_t1(models) -> None:
 
 
 def test_first_chunk_leaves_equal_3d_forms() -> None:
-    """Each first-chunk simplification (lance_spec.md §5.4) against the 3-D op it replaces."""
+    """Each first-chunk simplification (docs/design/model.md §5.4) against the 3-D op it replaces."""
     g = torch.Generator().manual_seed(40)
     x = torch.randn(B, 16, 6, 8, generator=g)
     conv = WanCausalConv3d(16, 8, (3, 3, 3))

@@ -115,7 +115,7 @@ class Stream:
         self._events: queue.Queue = queue.Queue()
         self.outcome = StreamOutcome()
         self.client = grpcclient.InferenceServerClient(url)
-        # tritonclient calls the stream callback with keyword arguments (triton_on_cpu.md §2.4)
+        # tritonclient calls the stream callback with keyword arguments (docs/design/serving.md §4.3)
         self.client.start_stream(callback=lambda result=None, error=None: self._events.put(
             (time.monotonic(), result, error)), headers=dict(headers) if headers else None)
         tensors = []

@@ -1,5 +1,4 @@
-"""Checkpoint I/O for the real Hugging Face layout of `bytedance-research/Lance` (lance_spec.md §7; architecture.md
-"Weights").
+"""Checkpoint I/O for the real Hugging Face layout of `bytedance-research/Lance` (docs/design/model.md §7).
 
 ```
 <root>/Lance_3B/{model.safetensors, llm_config.json, generation_config.json, tokenizer files}
@@ -45,7 +44,7 @@ _GENERATION_CONFIG_FILE = "generation_config.json"
 REGENERATED_KEYS = frozenset({"latent_pos_embed.pos_embed"})
 # Prefix of the ViT tensors inside Lance_3B_Video/model.safetensors (Lance registers the tower as `vit_model`).
 VIT_PREFIX = "vit_model."
-# Latent frames of the video model's position table: 31 * 64 * 64 rows (lance_spec.md §8).
+# Latent frames of the video model's position table: 31 * 64 * 64 rows (docs/design/model.md §8).
 VIDEO_LATENT_FRAMES = 31
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _MAX_NAMED = 8  # keys listed per kind of mismatch before "... and N more"
@@ -412,7 +411,8 @@ def load_vit(layout: CheckpointLayout, *, device: str | torch.device = "cpu",
     """The vision tower from `Qwen2.5-VL-ViT/vit.safetensors` + `config.json`.
 
     Video model: `vit_model.*` tensors inside `Lance_3B_Video/model.safetensors`, if any, override those of
-    vit.safetensors, as upstream loads vit.safetensors first and the Lance checkpoint over it (lance_spec.md §7.2).
+    vit.safetensors, as upstream loads vit.safetensors first and the Lance checkpoint over it
+    (docs/design/model.md §7.2).
     vit.safetensors must be complete either way.
     """
     config = _vision_config(layout)

@@ -1,4 +1,4 @@
-"""Lance's Mixture-of-Transformers LLM and its generation adapters (lance_spec.md §1-§2).
+"""Lance's Mixture-of-Transformers LLM and its generation adapters (docs/design/model.md §1-§2).
 
 Upstream: ``modeling/lance/qwen2_navit.py`` (``PackedAttentionMoT``, ``Qwen2MoTDecoderLayer``, ``Qwen2Model`` with
 ``norm_moe_gen``; the ``forward_inference`` KV path), ``modeling/lance/lance.py`` (``time_embedder``, ``vae2llm``,

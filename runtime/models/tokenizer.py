@@ -1,4 +1,4 @@
-"""Lance's tokenizer: stock Qwen2.5 byte-level BPE (lance_spec.md §6).
+"""Lance's tokenizer: stock Qwen2.5 byte-level BPE (docs/design/model.md §6).
 
 Two jobs:
 

@@ -1,6 +1,7 @@
 """The Wan2.2 VAE (the TI2V-5B VAE of ``Wan2.2_VAE.pth``) with its causal caches made explicit.
 
-The math is upstream's [L:modeling/vae/wan/vae2_2.py @4baeee0 = W:wan/modules/vae2_2.py]; lance_spec.md §5 gives the
+The math is upstream's [L:modeling/vae/wan/vae2_2.py @4baeee0 = W:wan/modules/vae2_2.py]; docs/design/model.md §5 gives
+the
 architecture, the chunk plan and the latent normalisation. Attribute names equal the checkpoint keys, so the plain
 ``WanVAE_`` state dict loads with ``load_state_dict`` and no renames. Parity is pinned by tests/test_vae.py against
 diffusers' ``AutoencoderKLWan`` configured as the Wan2.2 VAE.
@@ -9,7 +10,7 @@ Upstream runs video in chunks: the encoder sees frame 0 alone, then 4 frames at 
 frame at a time. Every causal 3-D convolution (temporal kernel 3) reads the last frames of its input from the previous
 chunk. Here those frames are explicit tensors, never state on ``self``:
 
-* ``forward_first(x, with_caches)`` runs the first chunk (one frame) as a pure 2-D network (lance_spec.md §5.4): a
+* ``forward_first(x, with_caches)`` runs the first chunk (one frame) as a pure 2-D network (docs/design/model.md §5.4): a
   causal convolution whose past is zero reduces to a 2-D convolution with its last temporal tap, ``upsample3d`` skips
   its time convolution, ``DupUp3D`` keeps the last temporal copy, ``AvgDown3D`` averages in one zero frame. It returns
   the caches the next chunk needs (or none, for single images).
@@ -44,7 +45,7 @@ Caches = tuple[Tensor, ...]
 
 @dataclass(frozen=True)
 class WanVAEConfig:
-    """Wan2.2 VAE hyper-parameters; the defaults are those of ``Wan2.2_VAE.pth`` (lance_spec.md §5.1).
+    """Wan2.2 VAE hyper-parameters; the defaults are those of ``Wan2.2_VAE.pth`` (docs/design/model.md §5.1).
 
     Attributes:
         z_dim: latent channels (the encoder emits ``2 * z_dim``: mean and log-variance).

@@ -1,4 +1,4 @@
-"""The Qwen2.5-VL vision tower as Lance uses it (lance_spec.md §4; upstream ``modeling/vit/qwen2_5_vl_vit.py``).
+"""The Qwen2.5-VL vision tower as Lance uses it (docs/design/model.md §4; upstream ``modeling/vit/qwen2_5_vl_vit.py``).
 
 Lance loads ``Qwen2.5-VL-ViT/vit.safetensors`` (390 bare keys) into this tower and feeds the merger output straight to
 the LLM: no connector, no ``vit_pos_embed`` (``--vit_type qwen_2_5_vl_original``).

@@ -358,7 +358,7 @@ def latent_size(height: int, width: int) -> tuple[int, int]:
 
 
 def randn(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """fp32 standard normal noise from a CPU generator (architecture.md, Determinism)."""
+    """fp32 standard normal noise from a CPU generator (docs/design/engines.md §6)."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
 

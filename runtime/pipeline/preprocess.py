@@ -1,4 +1,4 @@
-"""Image preprocessing for the ViT and the VAE, as upstream Lance does it (lance_spec.md §4.4).
+"""Image preprocessing for the ViT and the VAE, as upstream Lance does it (docs/design/model.md §4.4).
 
 Upstream [L:data/datasets_custom/validation_dataset.py] builds two ``VideoTransform``s in ``bucket`` mode:
 

@@ -1,4 +1,4 @@
-"""Lance's flow-matching schedule, CFG combination and Euler update (lance_spec.md §3.1, §3.2).
+"""Lance's flow-matching schedule, CFG combination and Euler update (docs/design/model.md §3.1, §3.2).
 
 Stateless: `make_schedule` returns an immutable `Schedule`; the loop passes step values in, so one process serves
 many requests. Upstream [L:modeling/lance/lance.py ``validation_gen_KVcache``]:

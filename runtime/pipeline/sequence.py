@@ -1,5 +1,5 @@
 """What Lance feeds its LLM for each task: token splits, attention modes, modalities, and mRoPE position ids with the
-MaPE shifts (lance_spec.md §1.4, §1.5, §3.3, §4.5, §6).
+MaPE shifts (docs/design/model.md §1.4, §1.5, §3.3, §4.5, §6).
 
 Upstream [L:data/datasets_custom/validation_dataset.py] renders a Qwen-VL chat template in text-template mode
 (``TEXT_TEMPLATE=true``, ``--apply_chat_template false``, system prompt ``SP0``), tokenizes it, expands each visual
@@ -56,7 +56,7 @@ _VISION_TOKEN_IDS = frozenset(
     for t in ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 )
 
-# llm_config.json's vision_config [lance_spec.md §1.5]: spatial_merge_size 2, tokens_per_second 2.
+# llm_config.json's vision_config [docs/design/model.md §1.5]: spatial_merge_size 2, tokens_per_second 2.
 SPATIAL_MERGE_SIZE = 2
 TOKENS_PER_SECOND = 2
 
@@ -548,7 +548,7 @@ def plan_x2t(
 def cfg_text_plan(plan: SequencePlan) -> SequencePlan:
     """The cfg_text branch of a generation plan: every split whose modality is not `Modality.TEXT` (drops exactly
     the user-text split), positions recomputed by `get_rope_index` on the shorter sequence and shifted by
-    `mape_shift` [L:modeling/lance/lance.py ``uncond_split_pro_kvcache``; lance_spec.md §3.3]."""
+    `mape_shift` [L:modeling/lance/lance.py ``uncond_split_pro_kvcache``; docs/design/model.md §3.3]."""
     if plan.noise_index is None:
         raise ValueError("only generation plans (with a noise split) have a cfg_text branch")
     kept = [s for s in plan.splits if s.modality != Modality.TEXT]

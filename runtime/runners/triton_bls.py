@@ -1,5 +1,5 @@
 """A `Runner` that runs an engine served as its own Triton model, called from inside the BLS model ``lance`` with
-``pb_utils.InferenceRequest`` (architecture.md "Where the loop runs": ``vit``, ``vae_encode`` and ``vae_decode`` are
+``pb_utils.InferenceRequest`` (docs/design/serving.md §2: ``vit``, ``vae_encode`` and ``vae_decode`` are
 the Triton models ``lance_vit``, ``lance_vae_encode``, ``lance_vae_decode``).
 
 Tensors cross by DLPack in both directions, so a GPU tensor stays on the GPU (Triton hands it over by CUDA IPC) and a

@@ -1,6 +1,7 @@
 """TensorRT runner: one serialized plan behind the contract's tensor names (production).
 
-Lifecycle, after NVIDIA's TensorRT demo ``Engine`` (style.md §2, §6): load (the plan and its ``<engine>.json``
+Lifecycle, after NVIDIA's TensorRT demo ``Engine`` (docs/design/serving.md §6): load (the plan and its
+``<engine>.json``
 sidecar, both checked) -> activate (one execution context per optimization profile, all on one device-memory scratch
 block that engines running one after another may share: `DeviceScratch`, TensorRT's USER_MANAGED allocation) ->
 allocate (one persistent device buffer per contract tensor, sized for the largest profile) -> infer (copy the feed in,

@@ -1,6 +1,6 @@
 """`lance-trt repo ENGINE_DIR [ENGINE_DIR ...] --checkpoint DIR [--out triton_repo]`: fill a Triton model repository.
 
-One repository, two config sets (architecture.md "Serving modes, one repository"):
+One repository, two config sets (docs/design/serving.md §3):
 
 ```
 <out>/lance/              config.pbtxt        BLS model, decoupled; mot in-process from the TensorRT plan (GPU)

@@ -1,8 +1,8 @@
 """`lance-trt serve`: run ``tritonserver`` on a model repository; also the launcher the Triton tests share.
 
 The server is the ``tritonserver`` on PATH (a Triton container) or, failing that, the Triton 2.51 binary bundled in
-nvidia-pytriton 0.7.0 (``pip install 'lance-trt[serve]'``). The bundled one needs three things (triton_on_cpu.md
-§2.1, §7), which ``TritonServer`` sets up: a backend directory holding symlinks to ``libtriton_python.so``,
+nvidia-pytriton 0.7.0 (``pip install 'lance-trt[serve]'``). The bundled one needs three things (docs/design/serving.md
+§4.1), which ``TritonServer`` sets up: a backend directory holding symlinks to ``libtriton_python.so``,
 ``triton_python_backend_utils.py`` and the stub built for the running Python version; ``PATH=<venv>/bin:...`` so the
 stub's embedded interpreter takes this environment's ``sys.prefix``; ``LD_LIBRARY_PATH=<python LIBDIR>`` so it loads
 this interpreter's ``libpython`` rather than the system's.
@@ -55,7 +55,8 @@ Other facts of this release that shape the BLS model and the client
       device 0 are created, the Python 3.12 stub loads, and SIGTERM stops server and stub in 2-4 s with no /dev/shm
       region left.
 
-This module imports only the standard library (and `runtime.spec.endpoints`, itself stdlib only); the gRPC client lives in ``runtime.client``.
+This module imports only the standard library (and `runtime.spec.endpoints`, itself stdlib only); the gRPC client
+lives in ``runtime.client``.
 """
 
 from __future__ import annotations

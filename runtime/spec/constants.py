@@ -1,5 +1,5 @@
 """Lance constants that upstream keeps in code, shell scripts and config factories rather than in any
-shipped JSON. One place for all of them; every value cites where upstream sets it (lance_spec.md tags).
+shipped JSON. One place for all of them; every value cites where upstream sets it (docs/design/model.md tags).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ VIT_WEIGHTS_FILE = "vit.safetensors"
 VIT_CONFIG_FILE = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
 
-# --- Special tokens: stock Qwen2.5 ids [L:data/data_utils.py add_special_tokens; lance_spec.md §6] ----
+# --- Special tokens: stock Qwen2.5 ids [L:data/data_utils.py add_special_tokens; docs/design/model.md §6] ----
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -52,7 +52,7 @@ TOKENIZER_LEN = 151665
 # Lance uses <|video_pad|> as the placeholder of every visual block [L:inference_lance.py].
 VISUAL_PLACEHOLDER_ID = QWEN2_SPECIAL_TOKENS[VIDEO_PAD]
 
-# --- Generation side [L:inference_lance.sh, L:modeling/lance/lance.py; lance_spec.md §2] ------------
+# --- Generation side [L:inference_lance.sh, L:modeling/lance/lance.py; docs/design/model.md §2] ------------
 LATENT_CHANNELS = 48            # Wan2.2 z_dim; latent_patch_size (1,1,1) => one token per latent cell
 VAE_DOWNSAMPLE_SPATIAL = 16
 VAE_DOWNSAMPLE_TEMPORAL = 4
@@ -60,7 +60,7 @@ MAX_LATENT_SIZE = 64            # latent cells per side => 1024 px
 LATENT_POS_SPLIT_DIVISOR = 3    # 3-D sin-cos table: d//3 (even) for t and h, the rest for w
 TIMESTEP_EMBED_DIM = 256        # DiT timestep frequency embedding size
 
-# --- Sampling defaults [L:inference_lance.sh; L:config/config_factory.py; lance_spec.md §3] --------
+# --- Sampling defaults [L:inference_lance.sh; L:config/config_factory.py; docs/design/model.md §3] --------
 DEFAULT_STEPS = 30
 DEFAULT_TIMESTEP_SHIFT = 3.5
 DEFAULT_CFG_SCALE = 4.0
@@ -85,7 +85,7 @@ WAN22_LATENT_STD = (
     0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
 )
 
-# --- Image preprocessing [L:data/datasets_custom/validation_dataset.py; lance_spec.md §4.4] ----------
+# --- Image preprocessing [L:data/datasets_custom/validation_dataset.py; docs/design/model.md §4.4] ----------
 VIT_MEAN = (0.48145466, 0.4578275, 0.40821073)
 VIT_STD = (0.26862954, 0.26130258, 0.27577711)
 VIT_CROP_MULTIPLE = 28
