@@ -85,10 +85,9 @@ def test_usage_errors(argv: list[str], words: str, capsys: pytest.CaptureFixture
 
 def test_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
     url = f"127.0.0.1:{free_port()}"
-    t0 = time.monotonic()
     with pytest.raises(LanceClientError) as caught:
         LanceClient(url).generate("t2i", "a fox", timeout=30)
-    assert caught.value.code == "UNAVAILABLE" and time.monotonic() - t0 < 10
+    assert caught.value.code == "UNAVAILABLE"   # refused at once, not DEADLINE_EXCEEDED after the 30 s
     assert main(["--url", url, "-q", "t2i", "--prompt", "a fox", "-o", "fox.png"]) == 1
     assert "lance-client: UNAVAILABLE: " in capsys.readouterr().err
 
@@ -164,10 +163,9 @@ def test_server_refusal_is_surfaced(lance_server: TritonServer, option: list[str
 @triton_test
 def test_timeout_cancels_on_the_server(lance_server: TritonServer) -> None:
     before = lance_server.log_path.read_text().count("stand-in cancelled")
-    t0 = time.monotonic()
     with pytest.raises(LanceClientError) as caught:
         LanceClient(lance_server.grpc_url).generate("t2i", "sleep", steps=100, timeout=0.5)
-    assert caught.value.code == "DEADLINE_EXCEEDED" and time.monotonic() - t0 < 2.0
+    assert caught.value.code == "DEADLINE_EXCEEDED"
     _wait_for_log(lance_server, "stand-in cancelled", before + 1)
 
 

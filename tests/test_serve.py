@@ -320,10 +320,9 @@ def test_cancel_reaches_running_and_queued_requests(sleeper: TritonServer) -> No
         streams += [queued, after]
         time.sleep(0.2)
         queued.cancel()  # still waiting in the queue
-        t0 = time.monotonic()
         running.cancel()  # inside execute
-        outcome = after.collect(timeout=20)
-        assert outcome.final_at is not None and time.monotonic() - t0 < 3.0, outcome
+        outcome = after.collect(timeout=20)   # well inside the 30 s the running request would otherwise take
+        assert outcome.final_at is not None, outcome
     finally:
         for s in streams:
             s.close()
@@ -362,7 +361,6 @@ def test_stop_outlasts_a_rejected_then_cancelled_stream(tmp_path: Path) -> None:
         for stream in (running, queued):
             assert stream.collect(timeout=10).final_at is not None
             stream.close()
-        t0 = time.monotonic()
-    assert time.monotonic() - t0 < 2 + 10  # running_server's exit has already checked for leftovers
+    # running_server's exit has stopped the server and checked for leftover processes and shared memory
     if "pytriton" in str(server.binary):
         assert "Exit timeout expired" in server.log_path.read_text()
