@@ -684,7 +684,7 @@ def _t2i_floor_ms(ctx: Context, config: LanceLLMConfig, request: GenerationReque
     measured peak, over the prompt's real context lengths; prefill and VAE excluded."""
     from runtime.pipeline.scheduler import cfg_active, make_schedule
 
-    from runtime.pipeline.sequence import cfg_text_plan, plan_t2i
+    from runtime.pipeline.sequence import cfg_text_branch, plan_t2i
 
     if not ctx.peak_tflops:
         return None
@@ -692,7 +692,7 @@ def _t2i_floor_ms(ctx: Context, config: LanceLLMConfig, request: GenerationReque
     lat = lat_h * lat_w
     schedule = make_schedule(request.steps, constants.DEFAULT_TIMESTEP_SHIFT)
     plan = plan_t2i(ctx.models.tokenizer, request.prompt, lat_h, lat_w)
-    contexts = (plan.context_length, cfg_text_plan(plan).context_length)
+    contexts = (plan.context_length, cfg_text_branch(plan).context_length)
     flops = 0.0
     for step in range(schedule.steps):
         batch = 2 if cfg_active(schedule.timesteps[step], constants.CFG_INTERVAL) else 1

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from runtime.spec.request import Cancelled, GenerationRequest, RequestError
-from runtime.pipeline.sequence import cfg_text_plan, plan_t2i
+from runtime.pipeline.sequence import cfg_text_branch, cond_branch, plan_t2i
 
 SMALL = dict(height=256, width=256, steps=3)
 
@@ -75,17 +75,17 @@ def test_batched_cfg_query_equals_separate_branches(torch_pipeline) -> None:
     cond and cfg_text branches one at a time, as upstream does."""
     pipe = torch_pipeline
     plan = plan_t2i(pipe.host.tokenizer, "a red cube", 4, 6)
-    plans = [plan, cfg_text_plan(plan)]
-    cache = pipe.new_cache(max(p.context_length for p in plans), batch=2)
-    for index, p in enumerate(plans):
-        pipe.prefill(p, cache, index, vit_rows=None, ref_latent=None)
+    branches = [cond_branch(plan), cfg_text_branch(plan)]
+    cache = pipe.new_cache(max(b.context_length for b in branches), batch=2)
+    for index, branch in enumerate(branches):
+        pipe.prefill(branch.context, cache, index, vit_rows=None, ref_latent=None)
     noise = plan.splits[plan.noise_index]
     x = torch.randn(1, 24, 48, generator=torch.Generator().manual_seed(0))
-    queries = [pipe.split_feed(noise, p.split_position_ids(p.noise_index), None, x) for p in plans]
+    queries = [pipe.split_feed(noise, b.query_position_ids, None, x) for b in branches]
     batched = pipe.velocity(queries, x, 0.7, cache)
     for index, query in enumerate(queries):
-        single_cache = pipe.new_cache(plans[index].context_length, batch=1)
-        pipe.prefill(plans[index], single_cache, 0, vit_rows=None, ref_latent=None)
+        single_cache = pipe.new_cache(branches[index].context_length, batch=1)
+        pipe.prefill(branches[index].context, single_cache, 0, vit_rows=None, ref_latent=None)
         single = pipe.velocity([query], x, 0.7, single_cache)
         torch.testing.assert_close(batched[index:index + 1], single, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(batched[0], batched[1])

@@ -18,7 +18,9 @@ from runtime.pipeline.sequence import (
     Modality,
     SequencePlan,
     Split,
+    cfg_text_branch,
     cfg_text_plan,
+    cond_branch,
     get_rope_index,
     latent_position_ids,
     mape_shift,
@@ -320,6 +322,82 @@ def test_cfg_text_plan_drops_exactly_the_user_text(tokenizer, task: str) -> None
         np.testing.assert_array_equal(uncond.split_position_ids(1), plan.split_position_ids(1))
         np.testing.assert_array_equal(uncond.split_position_ids(uncond.noise_index), plan.split_position_ids(2))
         np.testing.assert_array_equal(uncond.split_position_ids(3), plan.split_position_ids(4) - removed)
+
+
+def _rows(start: int, count: int) -> np.ndarray:
+    """Text ids ``start .. start+count-1`` on all three rows."""
+    return np.tile(np.arange(start, start + count), (3, 1))
+
+
+def _latent_block(vs: int, t: int, h: int, w: int) -> np.ndarray:
+    """Upstream's ids of ``<vs> latents <ve>`` whose ``<vs>`` sits at ``vs`` (docs/design/model.md §1.5): latent
+    (ti, hi, wi) at (vs+1+2*ti, vs+1+hi, vs+1+wi), <ve> one past the block's largest id."""
+    ti, hi, wi = (a.ravel() for a in np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij"))
+    latents = np.stack([vs + 1 + 2 * ti, vs + 1 + hi, vs + 1 + wi])
+    ve = vs + 1 + max(2 * (t - 1), h - 1, w - 1) + 1
+    return np.concatenate([[[vs]] * 3, latents, [[ve]] * 3], axis=1)
+
+
+def _ids(branch) -> list[np.ndarray]:
+    return [ids for _, ids in branch.context]
+
+
+# The known prompts' split lengths with this tokenizer: system, caption, glue (t2i / t2v), and for the edit system,
+# ViT block, reference block, instruction, glue.
+T2I_SPLITS, T2V_SPLITS, EDIT_SPLITS = (37, 29, 7), (51, 29, 7), (67, 26, 17, 30, 7)
+
+
+def test_cfg_text_branch_t2i_keeps_the_context_positions(tokenizer) -> None:
+    """Upstream's rule (docs/design/model.md §3.3): the cfg_text context rows keep the full sequence's ids, with a gap
+    where the caption was; only the noise query takes ids recomputed without the caption."""
+    plan = plan_t2i(tokenizer, PROMPT, 3, 5)
+    assert tuple(len(s.token_ids) for s in plan.splits[:3]) == T2I_SPLITS
+    cond, uncond = cond_branch(plan), cfg_text_branch(plan)
+    for got, expected in zip(_ids(cond), [_rows(0, 37), _rows(37, 29), _rows(66, 7)]):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(cond.query_position_ids, _latent_block(73, 1, 3, 5))
+    assert [s.modality for s, _ in uncond.context] == [Modality.SYSTEM_PROMPT, Modality.SYSTEM_PROMPT]
+    for got, expected in zip(_ids(uncond), [_rows(0, 37), _rows(66, 7)]):      # 37..65 (the caption) left empty
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(uncond.query_position_ids, _latent_block(37 + 7, 1, 3, 5))
+    assert (cond.context_length, uncond.context_length) == (73, 44)
+
+
+def test_cfg_text_branch_t2v_keeps_the_context_positions(tokenizer) -> None:
+    t, h, w = 3, 4, 6
+    plan = plan_t2v(tokenizer, PROMPT, t, h, w)
+    assert tuple(len(s.token_ids) for s in plan.splits[:3]) == T2V_SPLITS
+    cond, uncond = cond_branch(plan), cfg_text_branch(plan)
+    np.testing.assert_array_equal(cond.query_position_ids, _latent_block(87, t, h, w))
+    for got, expected in zip(_ids(uncond), [_rows(0, 51), _rows(80, 7)]):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(uncond.query_position_ids, _latent_block(51 + 7, t, h, w))
+
+
+def test_cfg_text_branch_edit_keeps_the_context_positions(tokenizer) -> None:
+    """Edit: the blocks precede the instruction, so they keep their ids in both branches; the chat glue after the
+    instruction keeps its full-sequence ids in the cfg_text cache (not moved left by the instruction's 30 tokens); the
+    noise query copies the reference block's ids in both branches (MaPE)."""
+    plan = plan_edit(tokenizer, INSTRUCTION, (1, 8, 12), 3, 5)
+    assert tuple(len(s.token_ids) for s in plan.splits[:5]) == EDIT_SPLITS
+    hi, wi = (a.ravel() for a in np.meshgrid(np.arange(4), np.arange(6), indexing="ij"))
+    vit = np.concatenate([[[1000], [67], [67]], np.stack([np.full(24, 1001), 68 + hi, 68 + wi]),
+                          [[1007], [74], [74]]], axis=1)                         # t row shifted to 1000 (MaPE)
+    ref = _latent_block(75, 1, 3, 5)
+    cond, uncond = cond_branch(plan), cfg_text_branch(plan)
+    for got, expected in zip(_ids(cond), [_rows(0, 67), vit, ref, _rows(82, 30), _rows(112, 7)]):
+        np.testing.assert_array_equal(got, expected)
+    for got, expected in zip(_ids(uncond), [_rows(0, 67), vit, ref, _rows(112, 7)]):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(cond.query_position_ids, ref)
+    np.testing.assert_array_equal(uncond.query_position_ids, ref)
+
+
+def test_branches_need_a_noise_block(tokenizer) -> None:
+    plan = plan_x2t(tokenizer, QUESTION, (1, 4, 4), 8)
+    for branch in (cond_branch, cfg_text_branch):
+        with pytest.raises(ValueError):
+            branch(plan)
 
 
 def test_cfg_text_plan_refuses_plans_without_a_noise_block(tokenizer) -> None:

@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from runtime.models.vit import VisionConfig, VisionInputs, vision_inputs
 from runtime.pipeline.kv_cache import KVCache
 from runtime.pipeline.preprocess import load_image, to_uint8_image
 from runtime.pipeline.scheduler import apply_cfg, cfg_active, euler_step, make_schedule
-from runtime.pipeline.sequence import SequencePlan, Split, cfg_text_plan, latent_position_ids
+from runtime.pipeline.sequence import SequencePlan, Split, cfg_text_branch, cond_branch, latent_position_ids
 from runtime.runners import Engines, Runner
 from runtime.spec import constants, registry
 from runtime.spec.contract import EngineSpec, torch_dtype
@@ -82,14 +82,6 @@ class LanceHost:
         ids = torch.as_tensor(np.ascontiguousarray(position_ids), device=self.embed_weight.device)[None]
         cfg = self.llm_config
         return mrope_cos_sin(ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
-
-
-@dataclass
-class _Branch:
-    """One CFG branch of a generation request: its plan and its cache slot."""
-
-    plan: SequencePlan
-    index: int
 
 
 class LancePipeline:
@@ -200,13 +192,14 @@ class LancePipeline:
         return KVCache(layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
                        capacity=capacity, batch=batch, dtype=self.dtype, device=self.device)
 
-    def prefill(self, plan: SequencePlan, cache: KVCache, branch: int, *, vit_rows: torch.Tensor | None,
-                 ref_latent: torch.Tensor | None) -> torch.Tensor:
-        """Write the context splits of ``plan`` into ``cache`` slot ``branch``, one engine call per split (upstream's
-        KV protocol: text causal, visual blocks bidirectional). Returns the last call's logits."""
+    def prefill(self, context: Sequence[tuple[Split, np.ndarray]], cache: KVCache, branch: int, *,
+                vit_rows: torch.Tensor | None, ref_latent: torch.Tensor | None) -> torch.Tensor:
+        """Write ``context`` (splits with their position ids: `SequencePlan.context`, `Branch.context`) into
+        ``cache`` slot ``branch``, one engine call per split (upstream's KV protocol: text causal, visual blocks
+        bidirectional). Returns the last call's logits."""
         logits = None
-        for index, split in enumerate(plan.context_splits):
-            feed = self.split_feed(split, plan.split_position_ids(index), vit_rows, ref_latent)
+        for split, positions in context:
+            feed = self.split_feed(split, positions, vit_rows, ref_latent)
             out = self.mot(feed, cache, slice(branch, branch + 1), causal=split.attn_mode == "causal")
             cache.append(slice(branch, branch + 1), out["key"], out["value"])
             logits = out["logits"]
@@ -246,18 +239,17 @@ class LancePipeline:
                          vit_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Prefill the cond (and cfg_text) context, then run the Euler loop on the noise block."""
         use_cfg = request.cfg_scale > 1.0
-        branches = [_Branch(plan, 0)] + ([_Branch(cfg_text_plan(plan), 1)] if use_cfg else [])
-        cache = self.new_cache(max(b.plan.context_length for b in branches), batch=len(branches))
+        branches = [cond_branch(plan)] + ([cfg_text_branch(plan)] if use_cfg else [])
+        cache = self.new_cache(max(b.context_length for b in branches), batch=len(branches))
         with timed(timings, "prefill"):
-            for branch in branches:
-                self.prefill(branch.plan, cache, branch.index, vit_rows=vit_rows, ref_latent=ref_latent)
+            for index, branch in enumerate(branches):
+                self.prefill(branch.context, cache, index, vit_rows=vit_rows, ref_latent=ref_latent)
         noise_split = plan.splits[plan.noise_index]
         t, h, w = noise_split.latent_thw
         x = randn((1, t * h * w, constants.LATENT_CHANNELS), request.seed).to(self.device, self.dtype)
         schedule = make_schedule(request.steps, constants.DEFAULT_TIMESTEP_SHIFT)
         # The noise query of each branch: its own positions, the same rows.
-        query = [self.split_feed(noise_split, b.plan.split_position_ids(b.plan.noise_index), None, x)
-                 for b in branches]
+        query = [self.split_feed(noise_split, b.query_position_ids, None, x) for b in branches]
         with timed(timings, "denoise"):
             for step in range(schedule.steps):
                 progress.check()

@@ -358,6 +358,10 @@ class SequencePlan:
         """KV-cache rows after prefilling the context."""
         return self.offsets[len(self.context_splits)]
 
+    def context(self) -> tuple[tuple[Split, np.ndarray], ...]:
+        """The context splits, each with its ``(3, len(split))`` position ids: what a prefill caches."""
+        return tuple((split, self.split_position_ids(index)) for index, split in enumerate(self.context_splits))
+
     @property
     def decode_position_ids(self) -> np.ndarray:
         """x2t: ``(3, max_new_tokens)`` ids of decode steps 0..max_new_tokens-1."""
@@ -545,10 +549,48 @@ def plan_x2t(
     return SequencePlan(splits, positions, decode_token_id=decode_token, max_new_tokens=int(max_new_tokens))
 
 
+@dataclass(frozen=True)
+class Branch:
+    """One CFG branch of a generation plan as upstream runs it: the context splits it caches, each with the position
+    ids its rows are cached at, and the position ids of its noise query (docs/design/model.md §3.3).
+
+    Attributes:
+        context: ``(split, (3, len(split)) ids)`` in prefill order.
+        query_position_ids: ``(3, len(noise split))`` ids of the noise query.
+    """
+
+    context: tuple[tuple[Split, np.ndarray], ...]
+    query_position_ids: np.ndarray
+
+    @property
+    def context_length(self) -> int:
+        """KV-cache rows after prefilling the branch's context."""
+        return sum(len(split.token_ids) for split, _ in self.context)
+
+
+def cond_branch(plan: SequencePlan) -> Branch:
+    """The conditional branch: the whole context and the noise query, at the full sequence's positions."""
+    if plan.noise_index is None:
+        raise ValueError("only generation plans (with a noise split) have CFG branches")
+    return Branch(plan.context(), plan.split_position_ids(plan.noise_index))
+
+
+def cfg_text_branch(plan: SequencePlan) -> Branch:
+    """The text-unconditional branch: the context without the user-text split, its rows cached at the **full**
+    sequence's positions (the kept splits stay where they are, with a gap where the caption was); only the noise
+    query takes the ids of `cfg_text_plan`, recomputed on the sequence without the caption [L:modeling/lance/lance.py
+    ``validation_gen_KVcache``: ``update_gen_context(current_sequence, current_pos_ids, cfg_text_context, ...)`` for
+    the context, ``uncond_pos_ids[:, :, kv_len:kv_len + N + 2]`` for the query; docs/design/model.md §3.3]."""
+    uncond = cfg_text_plan(plan)
+    context = tuple((split, ids) for split, ids in plan.context() if split.modality != Modality.TEXT)
+    return Branch(context, uncond.split_position_ids(uncond.noise_index))
+
+
 def cfg_text_plan(plan: SequencePlan) -> SequencePlan:
-    """The cfg_text branch of a generation plan: every split whose modality is not `Modality.TEXT` (drops exactly
-    the user-text split), positions recomputed by `get_rope_index` on the shorter sequence and shifted by
-    `mape_shift` [L:modeling/lance/lance.py ``uncond_split_pro_kvcache``; docs/design/model.md §3.3]."""
+    """The sequence upstream recomputes positions on for the cfg_text noise query: every split whose modality is not
+    `Modality.TEXT` (drops exactly the user-text split), positions recomputed by `get_rope_index` on the shorter
+    sequence and shifted by `mape_shift` [L:modeling/lance/lance.py ``uncond_split_pro_kvcache``]. Its context ids are
+    not the branch's cached ones: see `cfg_text_branch`."""
     if plan.noise_index is None:
         raise ValueError("only generation plans (with a noise split) have a cfg_text branch")
     kept = [s for s in plan.splits if s.modality != Modality.TEXT]

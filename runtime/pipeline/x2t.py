@@ -21,7 +21,7 @@ def run(pipeline: LancePipeline, request: GenerationRequest, progress: Progress,
         plan = pipeline.plan(request, vit_grid, request.max_new_tokens)
     cache = pipeline.new_cache(plan.num_tokens + 1 + request.max_new_tokens, batch=1)
     with timed(timings, "prefill"):
-        pipeline.prefill(plan, cache, branch=0, vit_rows=vit_rows, ref_latent=None)
+        pipeline.prefill(plan.context(), cache, branch=0, vit_rows=vit_rows, ref_latent=None)
     with timed(timings, "decode_text"):
         tokens = pipeline.decode_text(plan, cache, request.max_new_tokens, progress)
     return {"text": pipeline.host.tokenizer.decode(tokens, skip_special_tokens=True), "token_ids": tokens}
