@@ -84,8 +84,9 @@ def test_boundaries_accepted(boundary: dict) -> None:
 BAD_REQUESTS = [
     ("task", "t2i, x2t, edit", dict(task="t2v")),
     ("task", "t2i, x2t, edit", dict(task="")),
-    ("prompt", "empty", dict(prompt="")),
-    ("prompt", "empty", dict(prompt=" \n\t ")),
+    ("prompt", "visible characters", dict(prompt="")),
+    ("prompt", "visible characters", dict(prompt=" \n\t ")),
+    ("prompt", "visible characters", dict(prompt="\u200b\u200c\u200d\u2060\ufeff \u00ad")),
     ("prompt", f"at most {MAX_PROMPT_CHARS}", dict(prompt="a" * (MAX_PROMPT_CHARS + 1))),
     ("prompt", "text", dict(prompt=b"bytes")),
     ("height", "multiple of 16 in [256, 1024]", dict(height=700)),
@@ -149,7 +150,7 @@ BAD_TENSORS = [
     ("width", "multiple of 16", dict(width=np.array([777], np.int64))),
     ("task", "must be one of t2i, x2t, edit; got 'T2I'", dict(task=_bytes(b"T2I"))),
     ("image", "required for x2t", dict(task=_bytes(b"x2t"))),
-    ("prompt", "empty", dict(prompt=_bytes(b"   "))),
+    ("prompt", "visible characters", dict(prompt=_bytes(b"   "))),
     ("seed", "[0, 4294967295]", dict(seed=np.array([-5], np.int64))),
 ]
 

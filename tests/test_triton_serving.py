@@ -297,8 +297,9 @@ def _huge_png() -> bytes:
 BAD_INPUTS = {
     "unknown-task": (dict(task="t2v"), "task", "must be one of t2i, x2t, edit"),
     "missing-prompt": (dict(prompt=None), "prompt", "missing"),
-    "empty-prompt": (dict(prompt=""), "prompt", "must not be empty"),
-    "blank-prompt": (dict(prompt="  \n "), "prompt", "must not be empty"),
+    "empty-prompt": (dict(prompt=""), "prompt", "must contain visible characters"),
+    "blank-prompt": (dict(prompt="  \n "), "prompt", "must contain visible characters"),
+    "zero-width-prompt": (dict(prompt="\u200b\u200d\u2060\ufeff"), "prompt", "must contain visible characters"),
     "prompt-over-characters": (dict(prompt="a" * (MAX_PROMPT_CHARS + 1)), "prompt", "characters"),
     "prompt-over-tokens": (dict(prompt=" ".join(f"w{i}" for i in range(1500))), "prompt", "context budget"),
     "non-utf8-prompt": (dict(prompt=b"caf\xe9"), "prompt", "not valid UTF-8"),
@@ -415,7 +416,7 @@ def test_http_generate_stream(server: TritonServer, local: LancePipeline) -> Non
 
 @pytest.mark.parametrize("changes, status, words", [
     ({"task": "t2v"}, 400, "task: must be one of t2i, x2t, edit; got 't2v'"),
-    ({"prompt": ""}, 400, "prompt: must not be empty"),
+    ({"prompt": ""}, 400, "prompt: must contain visible characters"),
     ({"height": 250}, 400, "height: must be a multiple of 16 in [256, 1024], got 250"),
     ({"seed": -1}, 400, "seed: must be in [0, 4294967295], got -1"),
     ({"cfg_scale": 0.5}, 400, "cfg_scale: must be a finite number in [1, 20], got 0.5"),

@@ -394,14 +394,14 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[int, ...]:
 
 
 def _encode_user_text(tokenizer: PreTrainedTokenizerBase, text: str, what: str) -> tuple[int, ...]:
-    """Ids of the user's text; ValueError if it is empty or contains vision tokens."""
+    """Ids of the user's text with special-token parsing off: a literal ``<|im_end|>`` in a prompt stays the
+    characters it is made of, so no request can close its turn or open a system one. For every text that contains
+    no special-token string the ids equal upstream's (which parses them). ValueError if the text is empty."""
     if not isinstance(text, str):
         raise ValueError(f"{what} must be a string, got {type(text).__name__}")
-    ids = _encode(tokenizer, text)
+    ids = tuple(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
     if not ids:
         raise ValueError(f"{what} is empty")
-    if _VISION_TOKEN_IDS.intersection(ids):
-        raise ValueError(f"{what} contains vision special tokens (<|vision_start|>, <|video_pad|>, ...)")
     return ids
 
 
@@ -523,8 +523,9 @@ def plan_x2t(
     ``decode_token_id``, the first decode input. Positions: `get_rope_index` over the context, that token and
     ``max_new_tokens`` padding tokens (``<|endoftext|>``, upstream's pad id), with no MaPE shift.
 
-    The question and the template after it form one text run (upstream does not search for it), and every run
-    borders a special token, so the ids equal upstream's rendering exactly.
+    The question and the template after it form one text run (upstream does not search for it); the question is
+    tokenized on its own with special-token parsing off and borders ``<|im_end|>``, so the ids equal upstream's
+    rendering exactly for every question without special-token strings.
 
     Args:
         question: the user's question (may be empty: upstream's caption mode renders no user text).
@@ -537,11 +538,10 @@ def plan_x2t(
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not isinstance(question, str):
         raise ValueError(f"question must be a string, got {type(question).__name__}")
-    if question:
-        _encode_user_text(tokenizer, question, "question")
+    question_ids = _encode_user_text(tokenizer, question, "question") if question else ()
     prefix = _text_split(_encode(tokenizer, _chat_prefix(instruction)), Modality.SYSTEM_PROMPT)
-    tail = _encode(tokenizer, question + _ASSISTANT_OPENING)
-    *tail, decode_token = tail
+    # The question borders <|im_end|>, so its ids and the template's concatenate to upstream's run exactly.
+    *tail, decode_token = question_ids + _encode(tokenizer, _ASSISTANT_OPENING)
     vit = _visual_split("vit", vit_grid, Modality.REF_VIT)
     splits = (prefix, vit, _text_split(tail, Modality.SYSTEM_PROMPT))
     context = [i for s in splits for i in s.token_ids]

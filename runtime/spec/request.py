@@ -10,6 +10,7 @@ error is a ``RequestError`` naming the field, the allowed values and what was re
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -131,8 +132,9 @@ class GenerationRequest:
             raise RequestError("task", f"must be one of {', '.join(registry.TASKS)}; got {self.task!r}")
         if not isinstance(self.prompt, str):
             raise RequestError("prompt", f"must be text, got {type(self.prompt).__name__}")
-        if not self.prompt.strip():
-            raise RequestError("prompt", "must not be empty")
+        if not any(unicodedata.category(c)[0] not in "ZC" for c in self.prompt):
+            # blank, or only spaces, control and format characters (zero-width spaces and joiners)
+            raise RequestError("prompt", "must contain visible characters")
         if len(self.prompt) > MAX_PROMPT_CHARS:
             raise RequestError("prompt", f"at most {MAX_PROMPT_CHARS} characters, got {len(self.prompt)}")
         self._validate_image()
