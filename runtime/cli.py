@@ -93,6 +93,24 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_problem(device: str) -> str | None:
+    """Why ``--device`` cannot run on this machine, or None. Checked before the pipeline is built: torch's own
+    error for a missing GPU is a traceback from deep inside the first move to the device."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        return f"--device {device}: not a torch device such as cpu, cuda or cuda:1"
+    if parsed.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return f"--device {device}: torch {torch.__version__} sees no CUDA GPU on this machine; use --device cpu"
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -113,6 +131,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if registry.TASKS[args.task].output != "text" and args.output is None:
         images = " and ".join(name for name, task in registry.TASKS.items() if task.output != "text")
         print(f"lance-trt: -o/--output: required for {images}", file=sys.stderr)
+        return 2
+    problem = _device_problem(args.device)
+    if problem is not None:
+        print(f"lance-trt: {problem}", file=sys.stderr)
         return 2
     try:
         request.validate()

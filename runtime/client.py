@@ -233,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_line(err: LanceClientError, image: Path | None) -> str:
+    """The error as the user typed the request: a refused image names the file given to ``--image`` (the server
+    knows only the field, ``image: ...``)."""
+    if image is None or not err.message.startswith("image: "):
+        return str(err)
+    line = f"--image {image}: {err.message.removeprefix('image: ')}"
+    return f"{err.code}: {line}" if err.code else line
+
+
 def main(argv: list[str] | None = None) -> int:
     """0 on success, 1 when the server refuses or fails the request, 2 for bad arguments, 130 on Ctrl-C."""
     parser = build_parser()
@@ -250,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except LanceClientError as err:
         bar.close()
-        print(f"lance-client: {err}", file=sys.stderr)
+        print(f"lance-client: {_error_line(err, args.image)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         bar.close()

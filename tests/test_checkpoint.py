@@ -266,7 +266,7 @@ def test_resolve_local_folder_and_bad_names(tiny: Path, tmp_path: Path) -> None:
         resolve_checkpoint(tmp_path / "file.bin")
 
 
-def test_offline_without_local_copy_fails_fast(tmp_path: Path) -> None:
+def test_offline_without_local_copy_fails_without_network(tmp_path: Path) -> None:
     """Offline and with no local copy, the loader says what to do without trying the network: any connection attempt
     in the child raises (so no retry loop or timeout can hide behind a slow failure)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": str(REPO)}
@@ -280,7 +280,8 @@ def test_offline_without_local_copy_fails_fast(tmp_path: Path) -> None:
               "except CheckpointError as err:\n    print(err)\n    raise SystemExit(3)\n")
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)
-    assert result.returncode == 3, result.stderr
+    assert "a network connection was attempted" not in result.stderr
+    assert result.returncode == 3, result.stderr    # CheckpointError, raised before any connection
     message = result.stdout
     for needle in ("bytedance-research/Lance", "HF_HUB_OFFLINE", "Lance_3B/model.safetensors",
                    "Wan2.2_VAE.pth", "lance-trt download"):

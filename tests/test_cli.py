@@ -78,3 +78,18 @@ def test_image_errors_name_the_file(tiny_checkpoint: Path, tmp_path: Path, capsy
     assert main(["run", "x2t", "--checkpoint", str(tiny_checkpoint), "--image", str(tmp_path / "gone.png"),
                  "--prompt", "q"]) == 2
     assert f"--image {tmp_path / 'gone.png'}: cannot read it" in capsys.readouterr().err
+
+
+def test_unusable_device_is_one_line(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """A device torch cannot use here is one line naming --device, exit 2 (torch's own error is a traceback from
+    the first tensor moved there)."""
+    import torch
+
+    common = ["run", "t2i", "--checkpoint", str(tiny_checkpoint), "--prompt", "x", "-o", str(tmp_path / "x.png")]
+    assert main([*common, "--device", "gpu"]) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert line == "lance-trt: --device gpu: not a torch device such as cpu, cuda or cuda:1"
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    assert main([*common, "--device", missing]) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert line.startswith(f"lance-trt: --device {missing}: ") and "Traceback" not in line

@@ -83,6 +83,14 @@ def test_usage_errors(argv: list[str], words: str, capsys: pytest.CaptureFixture
     assert words in capsys.readouterr().err
 
 
+def test_failed_connection_draws_no_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    """With the bar on (no -q), a server that cannot be reached gives one line and no "0step [00:00, ?step/s]"."""
+    url = f"127.0.0.1:{free_port()}"
+    assert main(["--url", url, "t2i", "--prompt", "a fox", "-o", "fox.png"]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("lance-client: UNAVAILABLE: ")
+
+
 def test_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
     url = f"127.0.0.1:{free_port()}"
     with pytest.raises(LanceClientError) as caught:
@@ -161,6 +169,29 @@ def test_server_refusal_is_surfaced(lance_server: TritonServer, option: list[str
 
 
 @triton_test
+def test_refused_image_names_the_file(lance_server: TritonServer, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The server knows only the field ("image: ..."); the command line names the file the user gave."""
+    from runtime.spec.limits import MAX_IMAGE_BYTES
+
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + bytes(MAX_IMAGE_BYTES))
+    assert main(["--url", lance_server.grpc_url, "-q", "x2t", "--image", str(big), "--prompt", "q"]) == 1
+    assert capsys.readouterr().err == (f"lance-client: --image {big}: at most {MAX_IMAGE_BYTES} bytes encoded, "
+                                       f"got {MAX_IMAGE_BYTES + 4}\n")
+
+
+@triton_test
+def test_bar_appears_with_the_first_progress(lance_server: TritonServer, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Against a server whose steps take 0.1 s: the bar is drawn only once the total is known, and ends at 3/3."""
+    assert main(["--url", lance_server.grpc_url, "t2i", "--prompt", "sleep", "--height", "256", "--width", "256",
+                 "--steps", "3", "-o", str(tmp_path / "x.png")]) == 0
+    err = capsys.readouterr().err
+    assert "0step [" not in err and err.lstrip("\r").startswith("  0%|") and "3/3" in err
+
+
+@triton_test
 def test_timeout_cancels_on_the_server(lance_server: TritonServer) -> None:
     before = lance_server.log_path.read_text().count("stand-in cancelled")
     with pytest.raises(LanceClientError) as caught:
@@ -208,3 +239,19 @@ def test_progress_bar_waits_for_the_total() -> None:
     text = out.getvalue()
     assert "0step [" not in text and "0/4" in text     # drawn only with its total
     assert text.count("100%") == 1 and "4/4" in text
+
+
+def test_progress_bar_draws_100_percent_once_with_slow_steps() -> None:
+    """Real denoise steps are slower than tqdm's refresh interval, so the last update draws 100 % itself; close()
+    must not draw it a second time ("edit shows 100 % twice")."""
+    import io
+
+    from runtime.spec.flags import ProgressBar
+
+    out = io.StringIO()
+    bar = ProgressBar("step", file=out)
+    for done in range(1, 4):
+        time.sleep(0.3)             # slower than tqdm's mininterval: each update draws
+        bar.update(done, 3)
+    bar.close()
+    assert out.getvalue().count("100%") == 1, out.getvalue()

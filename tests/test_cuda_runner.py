@@ -64,6 +64,12 @@ def _rowwise_scaled_mm_on(device: str) -> bool:
     return True
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: the reason is its own")
+def test_fp8_skip_reason_names_the_missing_gpu() -> None:
+    """Without CUDA the reason is the missing GPU, not a _scaled_mm limitation that was never probed."""
+    assert _fp8_skip_reason("cuda") == "needs a CUDA GPU; this machine has none"
+
+
 FP8_DEVICES = [pytest.param(device, marks=pytest.mark.skipif(
     _fp8_skip_reason(device) is not None, reason=str(_fp8_skip_reason(device))))
     for device in ("cpu", "cuda")]

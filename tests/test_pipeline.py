@@ -107,7 +107,8 @@ def test_batched_cfg_query_equals_separate_branches(torch_pipeline) -> None:
 def test_bad_requests_are_refused(torch_pipeline, request_kwargs, field) -> None:
     with pytest.raises(RequestError) as err:
         torch_pipeline.generate(GenerationRequest(**request_kwargs))
-    assert err.value.field == field
+    assert err.value.field == field and str(err.value).startswith(f"{field}: ")
+    assert "<_io." not in str(err.value) and " object at 0x" not in str(err.value)   # the data, not the stream
 
 
 def test_host_only_load_matches_the_full_load(tiny_checkpoint, torch_pipeline) -> None:

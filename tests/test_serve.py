@@ -3,12 +3,15 @@ behaviours its docstring reports (bounded queue, cancellation reaching a Python 
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -167,6 +170,33 @@ def test_unpopulated_repo_gets_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     assert "`lance-trt repo ENGINE_DIR --checkpoint DIR`" in err and "`lance-trt demo`" in err and str(repo) in err
 
 
+def test_admin_arguments() -> None:
+    """The admin APIs are restricted on both protocols; health joins them only when asked."""
+    key = "k" * 24
+    args = ServerOptions(address="0.0.0.0").arguments(1, 2, 3, admin_key=key)
+    apis = "model-repository,model-config,logging,trace,statistics,shared-memory"
+    assert f"--http-restricted-api={apis}:lance-admin-key={key}" in args
+    assert f"--grpc-restricted-protocol={apis}:lance-admin-key={key}" in args
+    assert "--metrics-address=127.0.0.1" in args and "--http-address=0.0.0.0" in args   # metrics stay on loopback
+    health = ServerOptions(restrict_health=True).arguments(1, 2, 3, admin_key=key)
+    assert f"--http-restricted-api={apis},health:lance-admin-key={key}" in health
+    with pytest.raises(ValueError, match="admin_key"):
+        ServerOptions(admin_key="short")
+
+
+def test_admin_key_from_file_or_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.serving.server import admin_key
+
+    monkeypatch.delenv("LANCE_ADMIN_KEY", raising=False)
+    assert admin_key(None) is None
+    monkeypatch.setenv("LANCE_ADMIN_KEY", "from-the-environment-0123")
+    assert admin_key(None) == "from-the-environment-0123"
+    (tmp_path / "key").write_text("from-a-file-0123456789\n")
+    assert admin_key(tmp_path / "key") == "from-a-file-0123456789"
+    with pytest.raises(ValueError, match="--admin-key-file"):
+        admin_key(tmp_path / "missing")
+
+
 @pytest.mark.parametrize("option", ["--grpc-port", "--http-port", "--metrics-port"])
 def test_taken_port_is_refused_up_front(tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str) -> None:
     """Another listener on a port: one line naming the option, exit 2, and no tritonserver started (it would exit
@@ -202,9 +232,85 @@ def test_listens_on_tells_processes_apart() -> None:
 def test_serve_logs_beside_the_repository(tmp_path: Path) -> None:
     assert default_log_path(tmp_path / "triton_repo") == tmp_path.resolve() / "tritonserver.log"
     assert build_serve_parser().parse_args([]).log_file is None   # None means default_log_path, not the temp folder
+    assert "default: tritonserver.log beside the repository" in " ".join(build_serve_parser().format_help().split())
+
+
+def test_unwritable_log_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A log that cannot be written (a repository under a read-only mount, a missing folder) is refused before the
+    server starts: one line naming --log-file, exit 2, no traceback."""
+    write_lance_standin(tmp_path / "repo")
+    log_file = tmp_path / "no such folder" / "server.log"
+    ports = [a for option in ("--grpc-port", "--http-port", "--metrics-port") for a in (option, str(free_port()))]
+    assert serve_main(["--repo", str(tmp_path / "repo"), "--cpu", *ports, "--log-file", str(log_file)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"lance-trt serve: --log-file {log_file}: cannot write the server log there (No such file or "
+                   "directory); choose another with --log-file\n")
+
+
+def test_endpoints_follow_the_allow_flags(tmp_path: Path) -> None:
+    """The endpoints probed before the start and required at readiness: metrics on its own address, and none that
+    an extra argument turns off (a server without metrics must still become ready)."""
+    options = ServerOptions(address="0.0.0.0", grpc_port=1001, http_port=1002, metrics_port=1003)
+    assert TritonServer(tmp_path, options).endpoints() == [
+        ("--grpc-port", "0.0.0.0", 1001), ("--http-port", "0.0.0.0", 1002), ("--metrics-port", "127.0.0.1", 1003)]
+    off = ServerOptions(grpc_port=1001, http_port=1002, metrics_port=1003,
+                        extra_args=("--allow-metrics=false", "--allow-grpc", "false", "--allow-gpu-metrics=false"))
+    assert [option for option, _, _ in TritonServer(tmp_path, off).endpoints()] == ["--http-port"]
 
 
 # --- a real server ---------------------------------------------------------------------------------------------
+
+
+def _http_status(url: str, headers: dict[str, str], data: bytes | None = None) -> int:
+    request = urllib.request.Request(url, headers=headers, data=data)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+@triton_test
+def test_admin_apis_closed_without_the_key(tmp_path: Path) -> None:
+    """Config, repository, statistics and logging answer 403 (HTTP) or an error status (gRPC) without the key and
+    work with it; health and inference stay open."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    write_model(tmp_path / "repo", "echo", ECHO_CONFIG, ECHO_PY)
+    key = "operator-key-0123456789"
+    with running_server(tmp_path / "repo", admin_key=key) as server:
+        admin, none = {"lance-admin-key": key}, {}
+        wrong = {"lance-admin-key": "not-the-key-0123456789"}
+        for path, data in (("/v2/models/echo/config", None), ("/v2/repository/index", b"{}"),
+                           ("/v2/models/echo/stats", None), ("/v2/logging", b'{"log_verbose_level": 1}')):
+            assert _http_status(server.http_url + path, none, data) == 403, path
+            assert _http_status(server.http_url + path, wrong, data) == 403, path
+            assert _http_status(server.http_url + path, admin, data) == 200, path
+        assert _http_status(server.http_url + "/v2/health/ready", none) == 200
+        client = grpc_client(server)
+        try:
+            with pytest.raises(InferenceServerException, match="restricted"):
+                client.get_model_config("echo")
+            with pytest.raises(InferenceServerException, match="restricted"):
+                client.get_inference_statistics("echo")
+            assert client.get_model_config("echo", headers=server.admin_grpc_headers).config.name == "echo"
+            with pytest.raises(InferenceServerException, match="restricted"):
+                client.get_model_config("echo", headers=admin)  # the HTTP header name is not the gRPC one
+            x = grpcclient.InferInput("X", [2], "FP32")
+            x.set_data_from_numpy(np.array([1.0, 2.0], np.float32))
+            np.testing.assert_array_equal(client.infer("echo", [x]).as_numpy("Y"), [2.0, 4.0])
+        finally:
+            client.close()
+
+
+@triton_test
+def test_restricted_health_still_starts(tmp_path: Path) -> None:
+    """With health behind the key too, the launcher's own readiness poll sends it; anonymous polls get 403."""
+    write_model(tmp_path / "repo", "echo", ECHO_CONFIG, ECHO_PY)
+    with running_server(tmp_path / "repo", restrict_health=True) as server:
+        assert _http_status(server.http_url + "/v2/health/ready", {}) == 403
+        assert _http_status(server.http_url + "/v2/health/ready", server.admin_headers) == 200
 
 
 @triton_test
@@ -242,6 +348,48 @@ def test_start_failure_reports_log_tail(tmp_path: Path) -> None:
         server.start(timeout=120)
     assert server.process.returncode not in (None, 0)
     assert ProcessHandle.of(server.pid) is None
+    assert not server.children() and not list(Path("/dev/shm").glob(f"{server.shm_prefix}*"))
+
+
+class _NoPortCheck(TritonServer):
+    """A server whose up-front port check is skipped: the race where another process takes a port after the check
+    and before tritonserver binds it, which only the readiness poll can catch."""
+
+    def check_ports(self) -> None:
+        pass
+
+
+class _AlwaysReady(http.server.BaseHTTPRequestHandler):
+    """Another server on the HTTP port that answers every /v2/health/ready with 200."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@triton_test
+@pytest.mark.parametrize("taken", ["http_port", "metrics_port"])
+def test_port_taken_after_the_check_is_not_ready(tmp_path: Path, taken: str) -> None:
+    """tritonserver exits with "Socket already in use": start() raises instead of reporting ready, whether the HTTP
+    port belongs to another server that answers /v2/health/ready or the metrics port (opened after HTTP answers)
+    is taken; no stub and no /dev/shm region of the server is left."""
+    write_model(tmp_path / "repo", "echo", ECHO_CONFIG, ECHO_PY)
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AlwaysReady)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        server = _NoPortCheck(tmp_path / "repo", ServerOptions(cpu=True, **{taken: other.server_address[1]}),
+                              log_path=tmp_path / "log.txt")
+        with pytest.raises(ServerStartError, match="before it was ready") as info:
+            server.start(timeout=120)
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert "already in use" in str(info.value)
+    assert server.process.returncode not in (None, 0)
+    assert not server.children() and not list(Path("/dev/shm").glob(f"{server.shm_prefix}*"))
 
 
 @triton_test
@@ -266,7 +414,8 @@ def test_serve_main_until_interrupt(tmp_path: Path, signum: int) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert "stopping tritonserver" in proc.stderr.read()
+    stderr = proc.stderr.read()
+    assert "stopping tritonserver" in stderr and f"(log {tmp_path / 'server.log'})" in stderr
     assert not [p for p in family if p.alive()]
 
 
@@ -336,9 +485,11 @@ def test_cancel_reaches_running_and_queued_requests(sleeper: TritonServer) -> No
 def test_cpu_mode_picks_configs_cpu(sleeper: TritonServer) -> None:
     client = grpc_client(sleeper)
     try:
-        assert client.get_model_config("sleeper").config.dynamic_batching.default_queue_policy.max_queue_size == 2
+        admin = sleeper.admin_grpc_headers
+        config = client.get_model_config("sleeper", headers=admin).config
+        assert config.dynamic_batching.default_queue_policy.max_queue_size == 2
         assert client.is_model_ready("echo")  # no configs/ folder: config.pbtxt
-        assert not client.get_model_config("echo").config.HasField("dynamic_batching")
+        assert not client.get_model_config("echo", headers=admin).config.HasField("dynamic_batching")
     finally:
         client.close()
     outcome = stream_infer(sleeper.grpc_url, "sleeper", _duration(0.05))

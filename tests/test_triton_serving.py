@@ -103,7 +103,7 @@ def png(image: np.ndarray) -> bytes:
 
 
 def executions(server: TritonServer, model: str) -> int:
-    stats = grpc_client(server).get_inference_statistics(model_name=model, as_json=True)
+    stats = grpc_client(server).get_inference_statistics(model_name=model, as_json=True, headers=server.admin_grpc_headers)
     return int(stats["model_stats"][0].get("execution_count", 0))
 
 

@@ -4,7 +4,7 @@ import io, sys, torch, numpy as np
 from PIL import Image
 from runtime.pipeline import LancePipeline
 from runtime.pipeline.core import Progress, VIT_TO_VAE_SIDE, randn
-from runtime.pipeline.preprocess import vae_image_input, vit_image_input, load_image
+from runtime.pipeline.preprocess import vae_image_input, vit_image_input
 from runtime.spec.request import GenerationRequest
 
 CKPT, OUT = sys.argv[1], sys.argv[2]

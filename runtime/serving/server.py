@@ -51,6 +51,10 @@ Other facts of this release that shape the BLS model and the client
     - With the ``triton_grpc_error: true`` header an error response arrives with its gRPC code (``TritonError``
       INVALID_ARG becomes INVALID_ARGUMENT, an exception in ``execute`` INTERNAL) and closes the stream; the server
       then logs a harmless "[INTERNAL] HandleCancellation called even when the context was not cancelled".
+    - A server that exits on a start error after loading its models (a port taken, "Socket already in use"; the
+      metrics port is opened after HTTP already answers ready) leaves its Python stubs behind, reparented, holding
+      their 16 MiB /dev/shm regions until they notice (about 1-4 s). ``stop()`` finds them by session id, waits for
+      them, and removes any region still named with the server's own prefix (``shm-region-prefix-name``).
     - GPU mode (checked on an H100 with this module's defaults): the 256 MiB pinned pool and the 512 MiB CUDA pool of
       device 0 are created, the Python 3.12 stub loads, and SIGTERM stops server and stub in 2-4 s with no /dev/shm
       region left.
@@ -66,6 +70,8 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -76,7 +82,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
 
@@ -87,6 +93,15 @@ log = logging.getLogger(__name__)
 # `--cpu` serves each model's `configs/cpu.pbtxt` (Python-backend ONNX Runtime stand-ins for the TensorRT models);
 # Triton falls back to `config.pbtxt` for a model that has none.
 CPU_CONFIG_NAME = "cpu"
+ADMIN_APIS = ("model-repository", "model-config", "logging", "trace", "statistics", "shared-memory")
+"""Restricted behind the admin key on HTTP and gRPC: loading models, reading configs (they hold paths), raising the log
+level, tracing, statistics, registering shared memory. Health, metadata and inference stay open."""
+ADMIN_KEY_HEADER = "lance-admin-key"
+ADMIN_KEY_ENV = "LANCE_ADMIN_KEY"
+GRPC_KEY_PREFIX = "triton-grpc-protocol-"
+"""Triton 2.51 matches ``--grpc-restricted-protocol`` keys against gRPC metadata under this prefix."""
+SHM_REGION_PREFIX = "triton_python_backend_shm_region_"
+"""The Python backend's default name prefix of its /dev/shm regions; each server adds its own token to it."""
 _MIB = 1 << 20
 # readiness polls go straight to the server, whatever http_proxy says
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -206,6 +221,11 @@ class ServerOptions:
         model_config_name: ``--model-config-name``; None serves ``config.pbtxt`` (or ``cpu`` with ``cpu=True``).
         log_verbose: tritonserver verbosity (2 logs gRPC stream state transitions).
         exit_timeout_secs: on SIGTERM, how long in-flight requests may finish.
+        metrics_address: interface of the metrics endpoint: loopback unless asked otherwise, even when ``address``
+            is public.
+        admin_key: the key of the admin APIs (`ADMIN_APIS`), sent as header ``lance-admin-key``; None: a random key
+            per start, so they are closed to everyone.
+        restrict_health: put the health endpoints behind the key too (the launcher's readiness poll sends it).
         extra_args: further tritonserver arguments, passed last.
         env: extra environment variables for the server and its stubs.
     """
@@ -224,6 +244,9 @@ class ServerOptions:
     model_config_name: str | None = None
     log_verbose: int = 0
     exit_timeout_secs: int = 30
+    metrics_address: str = "127.0.0.1"
+    admin_key: str | None = field(default=None, repr=False)
+    restrict_health: bool = False
     extra_args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
 
@@ -240,13 +263,16 @@ class ServerOptions:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.model_config_name is not None and (not self.model_config_name or " " in self.model_config_name):
             raise ValueError(f"model_config_name: a non-empty name without spaces, got {self.model_config_name!r}")
+        if self.admin_key is not None and not re.fullmatch(r"[A-Za-z0-9._~+/=-]{16,}", self.admin_key):
+            raise ValueError("admin_key: at least 16 characters of letters, digits and ._~+/=- (it travels as a header)")
 
-    def arguments(self, grpc_port: int, http_port: int, metrics_port: int) -> list[str]:
-        """tritonserver arguments apart from ``--model-repository`` and ``--backend-directory``."""
+    def arguments(self, grpc_port: int, http_port: int, metrics_port: int, admin_key: str | None = None) -> list[str]:
+        """tritonserver arguments apart from ``--model-repository`` and ``--backend-directory``; ``admin_key``
+        restricts the admin APIs (and health, with ``restrict_health``) on HTTP and gRPC."""
         args = [
             f"--grpc-address={self.address}", f"--grpc-port={grpc_port}",
             f"--http-address={self.address}", f"--http-port={http_port}",
-            f"--metrics-address={self.address}", f"--metrics-port={metrics_port}",
+            f"--metrics-address={self.metrics_address}", f"--metrics-port={metrics_port}",
             f"--exit-on-error={str(self.exit_on_error).lower()}",
             f"--exit-timeout-secs={self.exit_timeout_secs}",
             f"--log-verbose={self.log_verbose}",
@@ -264,6 +290,10 @@ class ServerOptions:
         config_name = self.model_config_name or (CPU_CONFIG_NAME if self.cpu else None)
         if config_name is not None:
             args.append(f"--model-config-name={config_name}")
+        if admin_key is not None:
+            apis = ",".join(ADMIN_APIS + (("health",) if self.restrict_health else ()))
+            restriction = f"{apis}:{ADMIN_KEY_HEADER}={admin_key}"
+            args += [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
         return args + list(self.extra_args)
 
 
@@ -290,25 +320,39 @@ class ProcessHandle:
                 os.kill(self.pid, signal.SIGKILL)
 
 
-def _read_stat(pid: int) -> tuple[int, str, int] | None:
-    """(ppid, state, start time in clock ticks) of ``pid`` from /proc, or None when it is gone."""
+def _read_stat(pid: int) -> tuple[int, str, int, int] | None:
+    """(ppid, state, start time in clock ticks, session id) of ``pid`` from /proc, or None when it is gone."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # comm (field 2) may hold spaces and parentheses: split after its last ')'
     rest = text[text.rindex(")") + 2:].split()
-    return int(rest[1]), rest[0], int(rest[19])
+    return int(rest[1]), rest[0], int(rest[19]), int(rest[3])
+
+
+def _live_processes() -> dict[int, tuple[int, str, int, int]]:
+    """``_read_stat`` of every live (not zombie) process, by pid."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _read_stat(int(entry.name))
+            if stat is not None and stat[1] != "Z":
+                stats[int(entry.name)] = stat
+    return stats
+
+
+def session_members(sid: int) -> list[ProcessHandle]:
+    """The live processes of session ``sid`` other than its leader: tritonserver's stubs even once the server has
+    died and they were reparented (it runs in its own session), when ``descendants`` no longer finds them."""
+    return [ProcessHandle(pid, stat[2]) for pid, stat in _live_processes().items() if stat[3] == sid and pid != sid]
 
 
 def descendants(pid: int) -> list[ProcessHandle]:
     """Every live descendant of ``pid`` (for tritonserver: the Python backend stubs), from /proc."""
     children: dict[int, list[ProcessHandle]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _read_stat(int(entry.name))
-            if stat is not None and stat[1] != "Z":
-                children.setdefault(stat[0], []).append(ProcessHandle(int(entry.name), stat[2]))
+    for child, stat in _live_processes().items():
+        children.setdefault(stat[0], []).append(ProcessHandle(child, stat[2]))
     found: list[ProcessHandle] = []
     todo = [pid]
     while todo:
@@ -341,12 +385,15 @@ class TritonServer:
         self.binary = find_tritonserver()
         self.grpc_port = self.options.grpc_port or free_port(self.options.address)
         self.http_port = self.options.http_port or free_port(self.options.address)
-        self.metrics_port = self.options.metrics_port or free_port(self.options.address)
+        self.metrics_port = self.options.metrics_port or free_port(self.options.metrics_address)
         if log_path is None:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
             log_path = name
         self.log_path = Path(log_path)
+        self.admin_key = self.options.admin_key or secrets.token_urlsafe(24)
+        # this server's /dev/shm regions are named <shm_prefix><uuid>, so stop() can remove those a crash left behind
+        self.shm_prefix = f"{SHM_REGION_PREFIX}lance-{secrets.token_hex(4)}-"
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_s: float | None = None
         self._workdir: Path | None = None
@@ -362,6 +409,16 @@ class TritonServer:
         return f"http://{_host_for(self.options.address)}:{self.http_port}"
 
     @property
+    def admin_headers(self) -> dict[str, str]:
+        """The HTTP header that opens the admin APIs."""
+        return {ADMIN_KEY_HEADER: self.admin_key}
+
+    @property
+    def admin_grpc_headers(self) -> dict[str, str]:
+        """The gRPC metadata that opens them: Triton reads restricted-protocol keys with this prefix on gRPC."""
+        return {GRPC_KEY_PREFIX + ADMIN_KEY_HEADER: self.admin_key}
+
+    @property
     def pid(self) -> int | None:
         return None if self.process is None else self.process.pid
 
@@ -369,7 +426,8 @@ class TritonServer:
         """The full tritonserver command line."""
         return [
             str(self.binary), f"--model-repository={self.repo}", f"--backend-directory={backend_dir}",
-            *self.options.arguments(self.grpc_port, self.http_port, self.metrics_port),
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            *self.options.arguments(self.grpc_port, self.http_port, self.metrics_port, self.admin_key),
         ]
 
     def environment(self) -> dict[str, str]:
@@ -437,6 +495,15 @@ class TritonServer:
         log.info("tritonserver ready in %.1f s: grpc %s, http %s", self.startup_s, self.grpc_url, self.http_url)
         return self
 
+    def endpoints(self) -> list[tuple[str, str, int]]:
+        """(option, address, port) of each endpoint tritonserver opens: gRPC, HTTP and metrics, less those that
+        ``extra_args`` turn off (``--allow-grpc=false``, ``--allow-metrics=false``)."""
+        extra = " ".join(self.options.extra_args).lower()
+        endpoints = {"grpc": (self.options.address, self.grpc_port), "http": (self.options.address, self.http_port),
+                     "metrics": (self.options.metrics_address, self.metrics_port)}
+        return [(f"--{name}-port", address, port) for name, (address, port) in endpoints.items()
+                if not re.search(rf"--allow-{name}[= ](false|0)\b", extra)]
+
     def check_ports(self) -> None:
         """Refuse to start on a port something already listens on: tritonserver would fail later ("Socket already in
         use") while the other listener answered our readiness polls.
@@ -444,24 +511,33 @@ class TritonServer:
         Raises:
             PortInUseError: naming the option, the address and the port.
         """
-        for option, port in (("--grpc-port", self.grpc_port), ("--http-port", self.http_port),
-                             ("--metrics-port", self.metrics_port)):
-            if port_in_use(self.options.address, port):
-                raise PortInUseError(f"{option} {port}: {_host_for(self.options.address)}:{port} is already in use "
+        for option, address, port in self.endpoints():
+            if port_in_use(address, port):
+                raise PortInUseError(f"{option} {port}: {_host_for(address)}:{port} is already in use "
                                      "(another server?); stop it or choose another port")
 
     def _ready(self) -> bool:
-        """``/v2/health/ready`` answers 200, and from the process we started."""
+        """The process we started is alive, ``/v2/health/ready`` answers 200, and that process holds the listener
+        of every endpoint. A 200 alone proves nothing: another server on the port answers it, and tritonserver
+        answers it before it opens metrics, then exits if that port is taken."""
+        if self.process.poll() is not None:
+            return False
+        request = urllib.request.Request(f"{self.http_url}/v2/health/ready", headers=self.admin_headers)
         try:
-            with _NO_PROXY.open(f"{self.http_url}/v2/health/ready", timeout=1.0) as response:
+            with _NO_PROXY.open(request, timeout=1.0) as response:
                 ready = response.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
-        return ready and listens_on(self.process.pid, self.http_port) is not False
+        return (ready and all(listens_on(self.process.pid, port) is not False for _, _, port in self.endpoints())
+                and self.process.poll() is None)
 
     def children(self) -> list[ProcessHandle]:
-        """The server's live descendant processes (its Python stubs)."""
-        return [] if self.process is None else descendants(self.process.pid)
+        """The server's live descendant processes (its Python stubs), also once the server has exited and they were
+        reparented: a server that fails at start (a port taken) leaves stubs that hold its shared memory."""
+        if self.process is None:
+            return []
+        found = descendants(self.process.pid)
+        return found + [p for p in session_members(self.process.pid) if p not in found]
 
     def wait(self) -> int:
         """Block until the server exits on its own; its exit code."""
@@ -495,8 +571,17 @@ class TritonServer:
             if child.alive():
                 log.warning("stub process %d outlived tritonserver: killing it", child.pid)
                 child.kill()
+        self._remove_shm_regions()
         self._remove_workdir()
         return self.process.returncode
+
+    def _remove_shm_regions(self) -> None:
+        """Unlink this server's /dev/shm regions that outlived it and its stubs (a server that exits on an error, e.g.
+        a taken port, leaves its 16 MiB regions to stubs that may be gone before they unlink them)."""
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            log.info("removing %s, left behind by tritonserver", region)
+            with contextlib.suppress(OSError):
+                region.unlink()
 
     def _remove_workdir(self) -> None:
         if self._workdir is not None:
@@ -555,7 +640,13 @@ def build_serve_parser() -> argparse.ArgumentParser:
     add("--repo", type=Path, metavar="DIR", default=Path("triton_repo"), help="model repository (default: %(default)s)")
     add("--cpu", action="store_true",
         help=f"CPU mode: serve configs/{CPU_CONFIG_NAME}.pbtxt (ONNX Runtime stand-ins), no CUDA or pinned memory")
-    add("--address", metavar="ADDR", default=defaults.address, help="interface to bind (default: %(default)s)")
+    add("--address", metavar="ADDR", default=defaults.address, help="interface of gRPC and HTTP (default: %(default)s)")
+    add("--metrics-address", metavar="ADDR", default=defaults.metrics_address,
+        help="interface of the metrics endpoint (default: %(default)s, whatever --address says)")
+    add("--admin-key-file", type=Path, metavar="PATH",
+        help=f"file holding the key of the admin APIs ({', '.join(ADMIN_APIS)}), sent as header {ADMIN_KEY_HEADER}; "
+             f"default: ${ADMIN_KEY_ENV}; with neither, they are closed to everyone")
+    add("--restrict-health", action="store_true", help="put the health endpoints behind the admin key too")
     add("--grpc-port", type=_port, metavar="PORT", default=DEFAULT_GRPC_PORT, help="(default: %(default)s)")
     add("--http-port", type=_port, metavar="PORT", default=DEFAULT_HTTP_PORT, help="(default: %(default)s)")
     add("--metrics-port", type=_port, metavar="PORT", default=DEFAULT_METRICS_PORT, help="(default: %(default)s)")
@@ -582,9 +673,42 @@ def build_serve_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def admin_key(key_file: Path | None) -> str | None:
+    """The admin key: the first line of ``key_file``, else ``$LANCE_ADMIN_KEY``, else None (closed to everyone).
+
+    Raises:
+        ValueError: the file cannot be read (the message names it).
+    """
+    if key_file is not None:
+        try:
+            return key_file.read_text(encoding="utf-8").strip().splitlines()[0]
+        except (OSError, IndexError, UnicodeDecodeError) as err:
+            raise ValueError(f"--admin-key-file {key_file}: cannot read a key from it ({err})") from None
+    return os.environ.get(ADMIN_KEY_ENV) or None
+
+
 def default_log_path(repo: Path) -> Path:
     """``tritonserver.log`` beside the repository: found where the repository is, not in the temp folder."""
     return repo.resolve().parent / "tritonserver.log"
+
+
+class LogFileError(ValueError):
+    """The server log cannot be written where ``--log-file`` (or its default) says."""
+
+
+def check_log_file(path: Path) -> None:
+    """Open the log for writing before the server starts, so that an unwritable default (a repository under a
+    read-only mount) is one line naming ``--log-file``, not a traceback.
+
+    Raises:
+        LogFileError: naming the flag, the path and the reason.
+    """
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as err:
+        raise LogFileError(f"--log-file {path}: cannot write the server log there ({err.strerror}); "
+                           "choose another with --log-file") from None
 
 
 class _Terminated(Exception):
@@ -611,6 +735,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     try:
         options = ServerOptions(
             address=args.address, grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
+            metrics_address=args.metrics_address, admin_key=admin_key(args.admin_key_file),
+            restrict_health=args.restrict_health,
             cpu=args.cpu, cuda_memory_pool_byte_size=args.cuda_memory_pool_byte_size,
             pinned_memory_pool_byte_size=args.pinned_memory_pool_byte_size,
             shm_default_byte_size=args.shm_default_byte_size, shm_growth_byte_size=args.shm_growth_byte_size,
@@ -625,7 +751,10 @@ def serve_main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         server.check_ports()
-        print(f"lance-trt serve: starting tritonserver on {repo} (log {server.log_path})", file=sys.stderr, flush=True)
+        check_log_file(server.log_path)
+        print(f"lance-trt serve: starting tritonserver on {repo} (log {server.log_path}); admin APIs "
+              + ("behind the admin key" if options.admin_key else f"closed (set ${ADMIN_KEY_ENV} or --admin-key-file)"),
+              file=sys.stderr, flush=True)
         server.start(timeout=args.ready_timeout)
         print(f"Lance is served: grpc {server.grpc_url}  http {server.http_url}  (log {server.log_path}); "
               "Ctrl-C stops", flush=True)
@@ -633,7 +762,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         print(f"lance-trt serve: tritonserver exited with code {code}; log {server.log_path}:\n{server.log_tail()}",
               file=sys.stderr)
         return 1
-    except PortInUseError as err:
+    except (PortInUseError, LogFileError) as err:
         print(f"lance-trt serve: {err}", file=sys.stderr)
         return 2
     except ServerStartError as err:

@@ -77,7 +77,12 @@ class ProgressBar:
                              dynamic_ncols=True)
         elif self._bar.total != total:
             self._bar.reset(total=total)
-        self._bar.update(done - self._bar.n)
+        if done >= total:
+            # close() draws the final line; updating first would draw 100 % twice when steps outlast tqdm's refresh
+            self._bar.n = done
+            self.close()
+        else:
+            self._bar.update(done - self._bar.n)
 
     def close(self) -> None:
         if self._bar is not None:
