@@ -1,11 +1,11 @@
-"""runtime.serving.server against a real tritonserver: start, readiness, stop without leftovers, the CLI, and the Triton 2.51
-behaviours its docstring reports (bounded queue, cancellation reaching a Python model)."""
+"""runtime.serving.server against a real tritonserver: start, readiness, stop without leftovers, the CLI's checks,
+and the Triton 2.51 behaviours its docstring reports (bounded queue, cancellation reaching a Python model). `lance-trt
+serve` in operation (signals, drain, supervision) is tests/test_operations.py."""
 
 from __future__ import annotations
 
 import http.server
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +26,6 @@ from runtime.serving.server import (
     TritonServer,
     build_serve_parser,
     default_log_path,
-    descendants,
     free_port,
     listens_on,
     serve_main,
@@ -150,6 +149,8 @@ def test_serve_parser() -> None:
     assert args.cpu and not args.exit_on_error and args.grpc_port == 9001 and args.http_port == 8000
     assert (args.shm_default_byte_size, args.cuda_memory_pool_byte_size) == (64 << 20, 1 << 30)
     assert args.repo == Path("triton_repo")
+    assert (args.max_restarts, args.restart_backoff, args.drain_timeout) == (3, 1.0, 120.0)
+    assert "--model-control-mode=explicit" in ServerOptions().arguments(1, 2, 3)  # serve drains by unloading lance
     for bad in (["--grpc-port", "0"], ["--shm-growth-byte-size", "lots"]):
         with pytest.raises(SystemExit):
             build_serve_parser().parse_args(bad)
@@ -390,33 +391,6 @@ def test_port_taken_after_the_check_is_not_ready(tmp_path: Path, taken: str) -> 
     assert "already in use" in str(info.value)
     assert server.process.returncode not in (None, 0)
     assert not server.children() and not list(Path("/dev/shm").glob(f"{server.shm_prefix}*"))
-
-
-@triton_test
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_serve_main_until_interrupt(tmp_path: Path, signum: int) -> None:
-    write_lance_standin(tmp_path / "repo")
-    ports = [str(free_port()) for _ in range(3)]
-    command = [sys.executable, "-c", "import sys; from runtime.serving.server import serve_main; sys.exit(serve_main())",
-               "--repo", str(tmp_path / "repo"), "--cpu", "--grpc-port", ports[0], "--http-port", ports[1],
-               "--metrics-port", ports[2], "--log-file", str(tmp_path / "server.log"), "--exit-timeout-secs", "5"]
-    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert f"grpc 127.0.0.1:{ports[0]}" in line and f"http http://127.0.0.1:{ports[1]}" in line, (
-            line + proc.stderr.read() if proc.poll() is not None else line)
-        family = descendants(proc.pid)  # tritonserver and its stub
-        assert len(family) == 2
-        proc.send_signal(signum)  # SIGINT is what Ctrl-C delivers
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    stderr = proc.stderr.read()
-    assert "stopping tritonserver" in stderr and f"(log {tmp_path / 'server.log'})" in stderr
-    assert not [p for p in family if p.alive()]
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,16 @@ Other facts of this release that shape the BLS model and the client
       device 0 are created, the Python 3.12 stub loads, and SIGTERM stops server and stub in 2-4 s with no /dev/shm
       region left.
 
+Supervision and drain (`lance-trt serve`; tests/test_operations.py)
+    - After ``kill -9`` of a stub, 2.51 fails every request to its model ("Stub process ... is not healthy") and
+      never restarts it, while ``/v2/health/ready`` still answers 200. ``serve`` watches the stubs it found at
+      ready (`TritonServer.failure`) and kills the whole server at once: readiness refused within 0.2 s.
+    - Triton's own SIGTERM unloads the child models at once, so a running ``lance`` request fails at its next BLS
+      call. An unload of ``lance`` alone (repository API, ``--model-control-mode=explicit --load-model=*``) refuses
+      new requests ("Request for unknown model: 'lance' has no available versions"), makes readiness answer 400, and
+      lets running and queued requests finish with their children loaded; ``lance`` is gone about 1 s after the last
+      one, unless a client keeps a stream that used it open (then it waits for that stream to close).
+
 This module imports only the standard library (and `runtime.spec.endpoints`, itself stdlib only); the gRPC client
 lives in ``runtime.client``.
 """
@@ -68,6 +78,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -103,6 +114,11 @@ GRPC_KEY_PREFIX = "triton-grpc-protocol-"
 SHM_REGION_PREFIX = "triton_python_backend_shm_region_"
 """The Python backend's default name prefix of its /dev/shm regions; each server adds its own token to it."""
 _MIB = 1 << 20
+DEFAULT_MAX_RESTARTS = 3
+DEFAULT_RESTART_BACKOFF_S = 1.0
+DEFAULT_DRAIN_TIMEOUT_S = 120.0
+POLL_S = 0.1
+"""How often `lance-trt serve` checks the server's process and stubs (and, draining, the unload)."""
 # readiness polls go straight to the server, whatever http_proxy says
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -274,6 +290,9 @@ class ServerOptions:
             f"--http-address={self.address}", f"--http-port={http_port}",
             f"--metrics-address={self.metrics_address}", f"--metrics-port={metrics_port}",
             f"--exit-on-error={str(self.exit_on_error).lower()}",
+            # explicit control, every model loaded at start: `lance-trt serve` drains by unloading `lance` (an unload
+            # lets in-flight requests finish while readiness answers 400; `none` mode refuses unloads)
+            "--model-control-mode=explicit", "--load-model=*",
             f"--exit-timeout-secs={self.exit_timeout_secs}",
             f"--log-verbose={self.log_verbose}",
             f"--backend-config=python,shm-default-byte-size={self.shm_default_byte_size}",
@@ -342,6 +361,15 @@ def _live_processes() -> dict[int, tuple[int, str, int, int]]:
     return stats
 
 
+def _stub_model(pid: int) -> str:
+    """The model a stub serves (the folder of its ``model.py`` argument), or ``?``; read while it lives."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "?"
+    return next((Path(a).parent.parent.name for a in argv if a.endswith("model.py")), "?")
+
+
 def session_members(sid: int) -> list[ProcessHandle]:
     """The live processes of session ``sid`` other than its leader: tritonserver's stubs even once the server has
     died and they were reparented (it runs in its own session), when ``descendants`` no longer finds them."""
@@ -398,6 +426,9 @@ class TritonServer:
         self.startup_s: float | None = None
         self._workdir: Path | None = None
         self._children: list[ProcessHandle] = []
+        self.stubs: dict[ProcessHandle, str] = {}
+        """The stubs found when the server became ready, with the model each serves: `failure` watches them."""
+        self.restarts = 0
 
     @property
     def grpc_url(self) -> str:
@@ -475,7 +506,7 @@ class TritonServer:
         try:
             command = self.command(self._backend_dir())
             log.info("starting %s", " ".join(command))
-            with open(self.log_path, "wb") as log_file:
+            with open(self.log_path, "ab" if self.restarts else "wb") as log_file:
                 self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
                                                 stderr=subprocess.STDOUT, env=self.environment(),
                                                 start_new_session=True)
@@ -492,8 +523,58 @@ class TritonServer:
             self.stop()
             raise
         self.startup_s = time.monotonic() - t0
+        self.stubs = {stub: _stub_model(stub.pid) for stub in self.children()}
         log.info("tritonserver ready in %.1f s: grpc %s, http %s", self.startup_s, self.grpc_url, self.http_url)
         return self
+
+    def restart(self, timeout: float = 300.0) -> TritonServer:
+        """Kill what runs (`kill`) and start again on the same ports, appending to the same log.
+
+        Raises:
+            ServerStartError: as ``start``.
+        """
+        self.kill()
+        self.process, self._children, self.stubs = None, [], {}
+        self.restarts += 1
+        return self.start(timeout)
+
+    def failure(self) -> str | None:
+        """Why this server no longer serves, or None: tritonserver has exited, or a stub it started is gone or a
+        zombie. Triton 2.51 never restarts a stub: after a stub's death every request to its model fails ("Stub
+        process ... is not healthy") while ``/v2/health/ready`` still answers 200."""
+        if self.process is None:
+            return None
+        code = self.process.poll()
+        if code is not None:
+            return f"tritonserver (pid {self.process.pid}) exited with code {code}"
+        dead = [stub for stub in self.stubs if not stub.alive()]
+        if dead:
+            return f"the stub of model {self.stubs[dead[0]]} (pid {dead[0].pid}) died"
+        return None
+
+    def unload(self, model: str) -> None:
+        """Ask the server to unload ``model`` (repository API, admin key): it refuses new requests at once, readiness
+        answers 400, and the model goes once its in-flight and queued requests are done.
+
+        Raises:
+            OSError: the server did not accept the request.
+        """
+        self._admin_post(f"/v2/repository/models/{model}/unload")
+
+    def model_state(self, model: str) -> str | None:
+        """``model``'s state in the repository index (``READY``, ``UNLOADING``, ``UNAVAILABLE``...), or None when the
+        server does not answer."""
+        try:
+            index = json.loads(self._admin_post("/v2/repository/index"))
+        except (OSError, ValueError):
+            return None
+        return next((entry.get("state") for entry in index if entry.get("name") == model), None)
+
+    def _admin_post(self, path: str) -> bytes:
+        request = urllib.request.Request(f"{self.http_url}{path}", data=b"{}", headers=self.admin_headers,
+                                         method="POST")
+        with _NO_PROXY.open(request, timeout=5.0) as response:
+            return response.read()
 
     def endpoints(self) -> list[tuple[str, str, int]]:
         """(option, address, port) of each endpoint tritonserver opens: gRPC, HTTP and metrics, less those that
@@ -543,6 +624,19 @@ class TritonServer:
         """Block until the server exits on its own; its exit code."""
         assert self.process is not None, "wait() before start()"
         return self.process.wait()
+
+    def kill(self) -> int | None:
+        """SIGKILL the server and every stub at once, then clean up as `stop` does (shared memory, work folder):
+        a dead stub cannot be revived in place, and a killed server closes its ports, so readiness refuses."""
+        if self.process is not None:
+            family = [*self.children(), *self.stubs]
+            self._children.extend(c for c in family if c not in self._children)
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            for child in self._children:
+                child.kill()
+        return self.stop()
 
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout`` (default: ``exit_timeout_secs`` + 15 s); wait for the stubs.
@@ -670,6 +764,13 @@ def build_serve_parser() -> argparse.ArgumentParser:
     add("--log-file", type=Path, metavar="PATH", default=None,
         help="server log (default: tritonserver.log beside the repository, i.e. in the repository's parent folder)")
     add("--ready-timeout", type=float, metavar="S", default=600.0, help="seconds to wait for readiness")
+    add("--max-restarts", type=int, metavar="N", default=DEFAULT_MAX_RESTARTS,
+        help="restarts after tritonserver or a stub dies; then serve exits 1 (default: %(default)s)")
+    add("--restart-backoff", type=float, metavar="S", default=DEFAULT_RESTART_BACKOFF_S,
+        help="wait before the first restart, doubled for each further one (default: %(default)s)")
+    add("--drain-timeout", type=float, metavar="S", default=DEFAULT_DRAIN_TIMEOUT_S,
+        help="on SIGTERM, how long in-flight and queued requests may finish before the server stops "
+             "(default: %(default)s)")
     return parser
 
 
@@ -712,15 +813,94 @@ def check_log_file(path: Path) -> None:
 
 
 class _Terminated(Exception):
-    """SIGTERM reached `lance-trt serve`."""
+    """SIGTERM reached `lance-trt serve` while it could not drain (starting, restarting, already draining)."""
 
 
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated
+class _StopSignals:
+    """SIGTERM as `lance-trt serve` handles it: the first one while it serves asks for a drain (`drain`); any other
+    stops at once, as SIGINT does."""
+
+    def __init__(self) -> None:
+        self.serving = False
+        self.drain_requested = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.serving and not self.drain_requested:
+            self.drain_requested = True
+            return
+        raise _Terminated
+
+
+def watch(server: TritonServer, signals: _StopSignals, poll_s: float = POLL_S) -> str | None:
+    """Block while the server serves; the reason it stopped (`TritonServer.failure`), or None once SIGTERM asks for
+    a drain. A dead stub is seen within ``poll_s``."""
+    signals.serving = True
+    try:
+        while not signals.drain_requested:
+            failure = server.failure()
+            if failure is not None:
+                return failure
+            time.sleep(poll_s)
+    finally:
+        signals.serving = False
+    return None
+
+
+def supervise(server: TritonServer, signals: _StopSignals, *, max_restarts: int, backoff_s: float,
+              ready_timeout: float, drain_timeout: float) -> int:
+    """Serve until SIGTERM (drain, then 0), restarting a server whose process or stub died, at most ``max_restarts``
+    times with doubling backoff (1 once the bound is spent). The dead server is killed at once, so readiness refuses
+    connections until the restart is ready; requests in flight on it get the gRPC error UNAVAILABLE."""
+    restarts = 0
+    while True:
+        failure = watch(server, signals)
+        if failure is None:
+            return drain(server, drain_timeout)
+        server.kill()
+        while restarts < max_restarts:
+            restarts += 1
+            delay = backoff_s * 2 ** (restarts - 1)
+            _say(f"{failure}; server killed, readiness off; restart {restarts} of {max_restarts} in {delay:g} s")
+            time.sleep(delay)
+            try:
+                server.restart(timeout=ready_timeout)
+                break
+            except ServerStartError as err:
+                failure = str(err).splitlines()[0]
+        else:
+            _say(f"{failure}; {max_restarts} restarts spent: exiting (log {server.log_path})")
+            return 1
+        print(f"Lance is served again after restart {restarts}: grpc {server.grpc_url}  http {server.http_url}",
+              flush=True)
+
+
+def drain(server: TritonServer, timeout: float) -> int:
+    """Stop without failing a request: unload ``lance`` (new requests are refused, readiness answers 400, in-flight
+    and queued ones finish and keep their children), wait until it is gone or ``timeout`` passes, then stop the
+    server (its own SIGTERM would unload the children at once, failing a request between two BLS calls)."""
+    _say(f"SIGTERM: draining, readiness off and new requests refused; in-flight requests have {timeout:g} s "
+         "(SIGINT or a second SIGTERM stops at once)")
+    deadline = time.monotonic() + timeout
+    try:
+        server.unload(LANCE_MODEL)
+    except OSError as err:
+        _say(f"could not unload {LANCE_MODEL} ({err})")
+        deadline = 0.0
+    while server.model_state(LANCE_MODEL) in ("READY", "UNLOADING") and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    _say("drained: stopping tritonserver" if time.monotonic() < deadline
+         else "stopping tritonserver before the drain finished")
+    server.stop()
+    return 0
+
+
+def _say(message: str) -> None:
+    print(f"lance-trt serve: {message}", file=sys.stderr, flush=True)
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    """`lance-trt serve`: 0 after an interrupt, 2 for a repository that cannot serve Lance, 1 when the server fails."""
+    """`lance-trt serve`: 0 after a drain or an interrupt, 2 for a repository that cannot serve Lance, 1 when the
+    server fails (to start, or more often than ``--max-restarts``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     extra: list[str] = []
     if "--" in argv:
@@ -729,10 +909,12 @@ def serve_main(argv: list[str] | None = None) -> int:
     repo: Path = args.repo
     problem = missing_lance_model(repo) if repo.is_dir() else f"{repo} does not exist"
     if problem is not None:
-        print(f"lance-trt serve: {problem}; fill it with `lance-trt repo ENGINE_DIR --checkpoint DIR` "
-              f"(or `lance-trt demo` for a tiny CPU demo)", file=sys.stderr)
+        _say(f"{problem}; fill it with `lance-trt repo ENGINE_DIR --checkpoint DIR` "
+             f"(or `lance-trt demo` for a tiny CPU demo)")
         return 2
     try:
+        if min(args.max_restarts, args.restart_backoff, args.drain_timeout) < 0:
+            raise ValueError("--max-restarts, --restart-backoff and --drain-timeout must be >= 0")
         options = ServerOptions(
             address=args.address, grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
             metrics_address=args.metrics_address, admin_key=admin_key(args.admin_key_file),
@@ -746,30 +928,29 @@ def serve_main(argv: list[str] | None = None) -> int:
         )
         server = TritonServer(repo, options, log_path=args.log_file or default_log_path(repo))
     except (ValueError, TritonNotFoundError) as err:
-        print(f"lance-trt serve: {err}", file=sys.stderr)
+        _say(str(err))
         return 2
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    signals = _StopSignals()
+    previous = signal.signal(signal.SIGTERM, signals)
     try:
         server.check_ports()
         check_log_file(server.log_path)
-        print(f"lance-trt serve: starting tritonserver on {repo} (log {server.log_path}); admin APIs "
-              + ("behind the admin key" if options.admin_key else f"closed (set ${ADMIN_KEY_ENV} or --admin-key-file)"),
-              file=sys.stderr, flush=True)
+        _say(f"starting tritonserver on {repo} (log {server.log_path}); admin APIs "
+             + ("behind the admin key" if options.admin_key else f"closed (set ${ADMIN_KEY_ENV} or --admin-key-file)"))
         server.start(timeout=args.ready_timeout)
         print(f"Lance is served: grpc {server.grpc_url}  http {server.http_url}  (log {server.log_path}); "
               "Ctrl-C stops", flush=True)
-        code = server.wait()
-        print(f"lance-trt serve: tritonserver exited with code {code}; log {server.log_path}:\n{server.log_tail()}",
-              file=sys.stderr)
-        return 1
+        return supervise(server, signals, max_restarts=args.max_restarts, backoff_s=args.restart_backoff,
+                         ready_timeout=args.ready_timeout, drain_timeout=args.drain_timeout)
     except (PortInUseError, LogFileError) as err:
-        print(f"lance-trt serve: {err}", file=sys.stderr)
+        _say(str(err))
         return 2
     except ServerStartError as err:
-        print(f"lance-trt serve: {err}", file=sys.stderr)
+        _say(str(err))
         return 1
     except (KeyboardInterrupt, _Terminated):
-        print("lance-trt serve: stopping tritonserver", file=sys.stderr, flush=True)
+        _say("stopping tritonserver at once")
+        server.kill()
         return 0
     finally:
         server.stop()
