@@ -38,7 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from runtime.spec import constants
-from runtime.models.checkpoint import parameters_on_meta
+from runtime.models.checkpoint import VIDEO_LATENT_FRAMES, parameters_on_meta
 from runtime.spec.contract import PRECISIONS, EngineSpec, engine_specs
 from runtime.runners import Engines, Runner, TorchRunner
 from runtime.runners.cuda_mot import CudaMoT, CudaMotRunner
@@ -66,7 +66,7 @@ from runtime.models.tokenizer import SpecialIds, build_tokenizer_files, load_tok
 
 logger = logging.getLogger(__name__)
 
-PARTS = ("peak", "sdpa", "denoise", "vit", "vae", "text", "e2e")
+PARTS = ("peak", "sdpa", "denoise", "vit", "vae", "text", "e2e", "video")
 SDPA_CHOICES = {"default": None, "cudnn": [SDPBackend.CUDNN_ATTENTION], "flash": [SDPBackend.FLASH_ATTENTION]}
 """``--attention``: the SDPA backends the fast path's unmasked attention may use (default: PyTorch's choice)."""
 DENOISE_VARIANTS = {"compiled": (True, "default", ""), "compiled-cudnn": (True, "cudnn", ""),
@@ -141,6 +141,8 @@ def random_models(*, dtype: torch.dtype, device: torch.device | str = "cuda", se
         vision = VisionConfig.tiny(out_hidden_size=llm.hidden_size)
     else:
         llm, vision, vae_config = LanceLLMConfig(), VisionConfig(), WanVAEConfig()
+    # the video model's 31-frame position table (a computed buffer, no weights) serves the image parts unchanged
+    llm = replace(llm, max_latent_frames=VIDEO_LATENT_FRAMES)
     mot = random_module(lambda: LanceMoT(llm, attn_implementation), seed=seed, dtype=dtype, device=device)
     vit = random_module(lambda: Qwen25VisionTransformer(vision, attn_implementation), seed=seed + 1, dtype=dtype,
                         device=device)
@@ -701,8 +703,59 @@ def _t2i_floor_ms(ctx: Context, config: LanceLLMConfig, request: GenerationReque
     return flops / (ctx.peak_tflops * 1e9)
 
 
+def part_video(ctx: Context) -> None:
+    """t2v at ``--video-size`` (upstream's README 480 x 848) for each ``--video-frames``: one request of
+    ``--video-steps`` steps end to end (prefill, the loop, the chunked VAE decode; peak memory), then the denoise
+    step of both CFG branches and of the cond branch alone, timed on the recorded feed against its floor. A full
+    30-step request is extrapolated from those: prefill + 30 steps as the CFG interval runs them + decode."""
+    from runtime.pipeline.scheduler import cfg_active, make_schedule
+
+    models, config = ctx.models, ctx.models.mot.config
+    height, width = ctx.args.video_size
+    schedule = make_schedule(constants.DEFAULT_STEPS, constants.DEFAULT_TIMESTEP_SHIFT)
+    cfg_steps = sum(cfg_active(t, constants.CFG_INTERVAL) for t in schedule.timesteps[:-1])
+    for frames in ctx.args.video_frames:
+        request = GenerationRequest("t2v", PROMPT, height=height, width=width, frames=frames,
+                                    steps=ctx.args.video_steps, seed=0)
+        recorder = Recorder(CudaMotRunner(models.specs["mot"], ctx.fast))
+        engines = fast_engines(models, ctx.fast)
+        engines["mot"] = recorder
+        pipeline = LancePipeline(engines, models.host(), device=models.device, dtype=models.dtype)
+        name = f"t2v {height}x{width} {frames} frames"
+        extra: dict[str, Any] = {}
+        with peak_memory(extra):
+            result = pipeline.generate(request)
+        timings = result.timings
+        extra["stages_s"] = {k: round(v, 4) for k, v in timings.items()}
+        queries = [feed for feed, _ in recorder.calls if feed["latents"].shape[1] > 0]
+        feed = queries[0]
+        recorder.calls.clear()
+        lat = feed["latents"].shape[1]
+        ctx.rows.append(make_row("video", name, f"{request.steps} steps, first run", [1e3 * sum(timings.values())],
+                                 latent_tokens=lat, frames=result.video.shape[0], **extra))
+        step_ms = {}
+        for batch, step_feed in ((2, feed), (1, first_branch(feed))):
+            past = step_feed["past_len"].tolist()
+            flops = mot_forward_flops(config, und_rows=2 * batch, gen_rows=lat * batch,
+                                      keys=[lat + 2 + p for p in past], logits_rows=batch)
+            runner = recorder.runner
+            times = cuda_times(lambda: runner.infer(step_feed), warmup=1, repeat=ctx.args.video_repeat)
+            step_ms[batch] = statistics.median(times)
+            ctx.rows.append(make_row("video", f"{name} denoise step B={batch}", "fast compiled", times, flops=flops,
+                                     peak_tflops=ctx.peak_tflops, latent_tokens=lat, past=past))
+        floors = [row.floor_ms for row in ctx.rows[-2:]]            # B=2, B=1
+        floor = cfg_steps * floors[0] + (schedule.steps - cfg_steps) * floors[1] if all(floors) else None
+        estimate = (1e3 * (timings.get("prefill", 0.0) + timings.get("vae_decode", 0.0))
+                    + cfg_steps * step_ms[2] + (schedule.steps - cfg_steps) * step_ms[1])
+        ctx.rows.append(make_row("video", f"{name} 30 steps CFG 4.0", "extrapolated", [estimate], floor_ms=floor,
+                                 cfg_steps=cfg_steps, vae_decode_s=round(timings.get("vae_decode", 0.0), 3)))
+        recorder.runner.clear()
+        del pipeline, engines, recorder, result, queries, feed
+        torch.cuda.empty_cache()
+
+
 PART_FUNCTIONS = {"peak": part_peak, "sdpa": part_sdpa, "denoise": part_denoise, "vit": part_vit,
-                  "vae": part_vae, "text": part_text, "e2e": part_e2e}
+                  "vae": part_vae, "text": part_text, "e2e": part_e2e, "video": part_video}
 
 
 # --- Report --------------------------------------------------------------------------------------------------------
@@ -757,6 +810,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="fast-path variants the denoise part times")
     parser.add_argument("--attention", choices=sorted(SDPA_CHOICES), default="default",
                         help="SDPA backend of the fast path outside the variants the denoise part compares")
+    parser.add_argument("--video-size", nargs=2, type=int, default=[480, 848], metavar=("H", "W"),
+                        help="t2v size of the video part")
+    parser.add_argument("--video-frames", nargs="+", type=int, default=[49, 121], help="t2v frame counts (4k+1)")
+    parser.add_argument("--video-steps", type=int, default=2, help="steps of the video part's measured request")
+    parser.add_argument("--video-repeat", type=int, default=3, help="timed repeats of each video denoise step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON results file")
     parser.add_argument("--tiny", action="store_true", help="tiny configs (a smoke run of the script, CPU allowed)")

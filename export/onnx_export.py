@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import onnx
 import onnx_ir as ir
@@ -73,7 +74,7 @@ REWRITE_RULES = tuple(rule for rule in onnxscript.rewriter._DEFAULT_REWRITE_RULE
 """onnxscript's default rewrite rules but ``SlicesSplit``: its matcher (a pattern with several output nodes) walks the
 whole graph for every Slice, quadratic in the graph's size; on the 36-layer mot graph it alone ran for minutes, and
 TensorRT takes the Slices as they are."""
-FP32_ENGINES = ("vae_encode", "vae_decode")
+FP32_ENGINES = ("vae_encode", "vae_decode", "vae_decode_first", "vae_decode_chunk")
 """Engines whose ``bf16/`` graph is the fp32 graph (their I/O is fp32 in the contract either way)."""
 
 _ONNX_DTYPES = {
@@ -313,11 +314,12 @@ def export_engine(spec: EngineSpec, module: nn.Module, precision: str, out_dir: 
     dims = export_dims(spec)
     feed = sample_inputs(spec, precision, **dims)
     logger.info("%s: tracing at %s", label, dims)
+    args, dynamic_shapes = _positional(module, spec, feed)
     with torch.no_grad():
         program = torch.onnx.export(
-            module.eval(), (), kwargs=feed, dynamo=True, opset_version=OPSET,
+            module.eval(), args, dynamo=True, opset_version=OPSET,
             input_names=list(spec.input_names), output_names=list(spec.output_names),
-            dynamic_shapes=torch_dynamic_shapes(spec), optimize=False, verify=False, report=False,
+            dynamic_shapes=dynamic_shapes, optimize=False, verify=False, report=False,
         )
     model = program.model
     exported = _count_nodes(model)
@@ -338,6 +340,20 @@ def export_engine(spec: EngineSpec, module: nn.Module, precision: str, out_dir: 
     )
     logger.info("%s: %s, %d nodes, %.1f s", label, path, report.nodes, seconds)
     return report
+
+
+def _positional(module: nn.Module, spec: EngineSpec, feed: Mapping[str, Any]) -> tuple[tuple, tuple]:
+    """The sample inputs in contract order and their dynamic shapes nested as the forward's parameters: an engine
+    module takes its inputs positionally, and a ``*past`` parameter (the video decoder's caches) takes the rest as one
+    tuple, which is how torch.export matches ``dynamic_shapes`` to it."""
+    shapes = torch_dynamic_shapes(spec)
+    values = tuple(feed[name] for name in spec.input_names)
+    dims: list[Any] = [shapes[name] for name in spec.input_names]
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    if parameters and parameters[-1].kind is inspect.Parameter.VAR_POSITIONAL:
+        fixed = len(parameters) - 1
+        dims = [*dims[:fixed], tuple(dims[fixed:])]
+    return values, tuple(dims)
 
 
 def export_models(

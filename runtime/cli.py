@@ -15,7 +15,7 @@ from pathlib import Path
 
 from runtime.spec import constants, registry
 from runtime.spec.contract import PRECISIONS
-from runtime.spec.flags import ProgressBar, add_generation_options
+from runtime.spec.flags import ProgressBar, add_generation_options, write_output
 
 log = logging.getLogger("lance_trt")
 
@@ -112,8 +112,6 @@ def _device_problem(device: str) -> str | None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from runtime.pipeline import LancePipeline
     from runtime.pipeline.core import PRECISION_DTYPES
     from runtime.runners import EngineError
@@ -125,8 +123,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"lance-trt: --image {args.image}: cannot read it: {err.strerror}", file=sys.stderr)
         return 2
     request = GenerationRequest(
-        task=args.task, prompt=args.prompt, image=image, height=args.height, width=args.width, steps=args.steps,
-        seed=args.seed, cfg_scale=args.cfg_scale, max_new_tokens=args.max_new_tokens,
+        task=args.task, prompt=args.prompt, image=image, height=args.height, width=args.width, frames=args.frames,
+        steps=args.steps, seed=args.seed, cfg_scale=args.cfg_scale, max_new_tokens=args.max_new_tokens,
     )
     if registry.TASKS[args.task].output != "text" and args.output is None:
         images = " and ".join(name for name, task in registry.TASKS.items() if task.output != "text")
@@ -141,6 +139,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         pipeline = LancePipeline.from_checkpoint(
             args.checkpoint, runner=args.runner, engine_dir=args.engines, device=args.device,
             dtype=PRECISION_DTYPES[args.precision], fp8_gen=args.fp8_gen, fp8_fast_accum=args.fp8_fast_accum,
+            video=registry.TASKS[args.task].video_model,
         )
         bar = ProgressBar("token" if registry.TASKS[args.task].output == "text" else "step")
         try:
@@ -156,9 +155,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     if result.text is not None:
         print(result.text)
-    else:
-        Image.fromarray(result.image).save(args.output)
-        log.info("wrote %s", args.output)
+        return 0
+    kind = registry.TASKS[args.task].output
+    try:
+        write_output(kind, getattr(result, kind), args.output)
+    except (OSError, ValueError) as err:
+        print(f"lance-trt: -o/--output: cannot write {args.output}: {err}", file=sys.stderr)
+        return 1
+    log.info("wrote %s", args.output)
     return 0
 
 

@@ -33,7 +33,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from runtime.spec import registry
-from runtime.spec.flags import ProgressBar, add_task_subcommands, check_task_arguments
+from runtime.spec.flags import ProgressBar, add_task_subcommands, check_task_arguments, write_output
 from runtime.spec.endpoints import DEFAULT_GRPC_PORT, LANCE_MODEL
 from runtime.spec.request import (
     LANCE_OUTPUTS,
@@ -101,6 +101,7 @@ class LanceClient:
         *,
         height: int | None = None,
         width: int | None = None,
+        frames: int | None = None,
         steps: int | None = None,
         seed: int | None = None,
         cfg_scale: float | None = None,
@@ -114,13 +115,13 @@ class LanceClient:
             task: one of ``registry.TASKS``.
             prompt: prompt, question or instruction.
             image: encoded PNG/JPEG bytes, or a path to such a file (the tasks whose `registry.Task.media` has it).
-            height, width, steps, seed, cfg_scale, max_new_tokens: generation options; None leaves the server's
-                default (upstream's).
+            height, width, frames, steps, seed, cfg_scale, max_new_tokens: generation options; None leaves the
+                server's default (upstream's, per task).
             on_progress: called with (done, total) for every progress response.
             timeout: seconds for the whole request (the gRPC stream deadline); None waits without limit.
 
         Returns:
-            The image or text, with the per-stage ``timings`` of the final response.
+            The image, text or video, with the per-stage ``timings`` of the final response.
 
         Raises:
             LanceClientError: with the server's message and gRPC code.
@@ -130,8 +131,8 @@ class LanceClient:
                 image = Path(image).read_bytes()
             except OSError as err:
                 raise LanceClientError(f"image: cannot read {image}: {err.strerror}") from None
-        options = {"height": height, "width": width, "steps": steps, "seed": seed, "cfg_scale": cfg_scale,
-                   "max_new_tokens": max_new_tokens}
+        options = {"height": height, "width": width, "frames": frames, "steps": steps, "seed": seed,
+                   "cfg_scale": cfg_scale, "max_new_tokens": max_new_tokens}
         given = {name for name, value in options.items() if value is not None}
         request = GenerationRequest(task=task, prompt=prompt, image=image,
                                     **{name: options[name] for name in given})
@@ -172,7 +173,7 @@ class LanceClient:
                     err = events.get(timeout=_DEADLINE_GRACE_S)[1] or err
                 raise _client_error(err) from None
             deadline = None if timeout is None else time.monotonic() + timeout + _DEADLINE_GRACE_S
-            image = text = None
+            outputs: dict[str, Any] = {}
             timings: dict[str, float] = {}
             while not settled:
                 wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -188,10 +189,10 @@ class LanceClient:
                 progress = result.as_numpy("progress") if _has_output(response, "progress") else None
                 if progress is not None and on_progress is not None:
                     on_progress(int(progress[0]), int(progress[1]))
-                if _has_output(response, "image"):
-                    image = result.as_numpy("image")
-                if _has_output(response, "text"):
-                    text = _decode_text(result.as_numpy("text"))
+                for kind in registry.OUTPUT_KINDS:
+                    if _has_output(response, kind):
+                        value = result.as_numpy(kind)
+                        outputs[kind] = _decode_text(value) if kind == "text" else value
                 if _has_output(response, "timings"):
                     timings.update(json.loads(_decode_text(result.as_numpy("timings"))))
                 settled = response.parameters["triton_final_response"].bool_param
@@ -201,9 +202,10 @@ class LanceClient:
             # graceful shutdown then waits out --exit-timeout-secs (see runtime.serving.server).
             client.stop_stream(cancel_requests=not settled)
             client.close()
-        if image is None and text is None:
-            raise LanceClientError("the server's final response carried neither image nor text", "INTERNAL")
-        return GenerationResult(image=image, text=text, timings=timings)
+        if not outputs:
+            raise LanceClientError(f"the server's final response carried none of {', '.join(registry.OUTPUT_KINDS)}",
+                                   "INTERNAL")
+        return GenerationResult(**outputs, timings=timings)
 
 
 def _has_output(response: Any, name: str) -> bool:
@@ -253,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     bar = ProgressBar("token" if registry.TASKS[args.task].output == "text" else "step", disable=args.quiet)
     try:
         result = LanceClient(args.url).generate(
-            args.task, args.prompt, args.image, height=args.height, width=args.width, steps=args.steps,
+            args.task, args.prompt, args.image, height=args.height, width=args.width, frames=args.frames,
+            steps=args.steps,
             seed=args.seed, cfg_scale=args.cfg_scale, max_new_tokens=args.max_new_tokens,
             on_progress=bar.update, timeout=args.timeout,
         )
@@ -269,14 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     if result.text is not None:
         print(result.text)
         return 0
-    from PIL import Image
-
+    kind = registry.TASKS[args.task].output
+    pixels = getattr(result, kind)
     try:
-        Image.fromarray(result.image).save(args.output)
+        write_output(kind, pixels, args.output)
     except (OSError, ValueError) as err:
         print(f"lance-client: -o/--output: cannot write {args.output}: {err}", file=sys.stderr)
         return 1
-    print(f"lance-client: wrote {args.output} ({result.image.shape[1]}x{result.image.shape[0]})", file=sys.stderr)
+    frames = f", {len(pixels)} frames" if kind == "video" else ""
+    print(f"lance-client: wrote {args.output} ({pixels.shape[-2]}x{pixels.shape[-3]}{frames})", file=sys.stderr)
     return 0
 
 

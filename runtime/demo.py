@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from runtime.spec import registry
 from runtime.serving.server import ServerOptions, ServerStartError, TritonNotFoundError, TritonServer
 
 logger = logging.getLogger(__name__)
 
-EXPORT_GROUPS = (("mot",), ("vit", "vae_encode", "vae_decode"))
-"""One export process per group: on two cores the MoT takes about as long as the other three together."""
+EXPORT_GROUPS = (("mot",), tuple(name for name in registry.ENGINES if name != "mot"))
+"""One export process per group: on two cores the MoT takes about as long as the other engines together."""
 _CHECKPOINT_STAMP = ".complete"
 
 

@@ -50,3 +50,19 @@ def torch_pipeline(tiny_checkpoint: Path):
     from runtime.pipeline import LancePipeline
 
     return LancePipeline.from_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_video_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint with ``Lance_3B_Video/`` (seed 0)."""
+    from runtime.models.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt_video"), seed=0, video=True)
+
+
+@pytest.fixture(scope="session")
+def video_pipeline(tiny_video_checkpoint: Path):
+    """The reference pipeline on the tiny video model (PyTorch runner, fp32, CPU)."""
+    from runtime.pipeline import LancePipeline
+
+    return LancePipeline.from_checkpoint(tiny_video_checkpoint, video=True)

@@ -17,7 +17,7 @@ from runtime.client import DEFAULT_URL, LanceClient, LanceClientError, build_par
 from runtime.serving.server import TritonServer, free_port
 from tests.triton_harness import REPO_ROOT, running_server, triton_test, write_lance_standin
 
-GENERATION_FLAGS = {"--prompt", "--image", "--height", "--width", "--steps", "--cfg-scale", "--seed",
+GENERATION_FLAGS = {"--prompt", "--image", "--height", "--width", "--frames", "--steps", "--cfg-scale", "--seed",
                     "--max-new-tokens", "-o", "--output"}
 
 
@@ -59,8 +59,9 @@ def test_flags_match_lance_trt_run() -> None:
 def test_parse_defaults() -> None:
     args = build_parser().parse_args(["t2i", "--prompt", "a fox", "-o", "fox.png"])
     assert (args.url, args.task, args.prompt, args.output) == (DEFAULT_URL, "t2i", "a fox", Path("fox.png"))
+    # no size given: the server takes the task's default (768 x 768 for t2i, 480 x 848 for t2v)
     assert (args.height, args.width, args.steps, args.cfg_scale, args.seed, args.max_new_tokens) == (
-        constants.DEFAULT_HEIGHT, constants.DEFAULT_WIDTH, constants.DEFAULT_STEPS, constants.DEFAULT_CFG_SCALE,
+        None, None, constants.DEFAULT_STEPS, constants.DEFAULT_CFG_SCALE,
         constants.DEFAULT_SEED, constants.DEFAULT_MAX_NEW_TOKENS)
     args = build_parser().parse_args(["--url", "gpu:9001", "-q", "x2t", "--image", "a.png", "--prompt", "q",
                                       "--max-new-tokens", "7"])
@@ -72,7 +73,7 @@ def test_parse_defaults() -> None:
     (["edit", "--prompt", "night", "-o", "o.png"], "--image is required for edit"),
     (["t2i", "--prompt", "a fox"], "-o/--output is required for t2i"),
     (["edit", "--image", "/nonexistent.png", "--prompt", "x", "-o", "o.png"], "/nonexistent.png is not a readable"),
-    (["t2v", "--prompt", "x"], "invalid choice: 't2v'"),
+    (["v2t", "--prompt", "x"], "invalid choice: 'v2t'"),
     (["t2i", "--prompt", "x", "-o", "o.png", "--steps", "many"], "--steps: invalid int value"),
     (["t2i", "-o", "o.png"], "the following arguments are required: --prompt"),
 ])

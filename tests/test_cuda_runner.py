@@ -93,7 +93,7 @@ def feed(config: LanceLLMConfig, *, batch: int, head: int, latent: int, tail: in
     return {
         "und_head": torch.randn(batch, head, d, generator=g),
         "latents": torch.randn(batch, latent, Z, generator=g),
-        "timestep": torch.rand(batch, generator=g),
+        "timestep": torch.rand(batch, latent, generator=g),
         "latent_pos": torch.randn(latent, d, generator=g),
         "und_tail": torch.randn(batch, tail, d, generator=g),
         "cos": cos,

@@ -245,7 +245,7 @@ def mot_feed(models: LanceModels, spec: EngineSpec, case: MotCase, seed: int = 0
     feed["cos"], feed["sin"] = mrope_cos_sin(positions, config.head_dim, config.rope_theta, config.mrope_section)
     table = latent_pos_table(1, 64, config.hidden_size)
     feed["latent_pos"] = table[torch.arange(case.gen) % table.shape[0]]
-    feed["timestep"] = torch.full((case.batch,), case.t)
+    feed["timestep"] = torch.full((case.batch, case.gen), case.t)
     feed["past_len"] = torch.tensor(case.past_len)
     feed["causal"] = torch.tensor(case.causal)
     return feed
@@ -282,6 +282,25 @@ def test_vae_decode_parity(runners, tiny_specs: dict[str, EngineSpec], case: str
     feed = contract.sample_inputs(tiny_specs["vae_decode"], seed=3, h=h, w=w)
     ort_runner, torch_runner = runners["vae_decode"]
     _check_outputs("vae_decode", case, ort_runner.infer(feed), torch_runner.infer(feed))
+
+
+@pytest.mark.parametrize("case", ["square 256", "smallest (21:9 at 256)"])
+def test_chunked_video_decode_equals_the_vae(runners, tiny_models: LanceModels, case: str) -> None:
+    """Three latent frames through the exported chunk graphs (frame 0, then two chunks, the caches passed from call
+    to call) give the frames of the VAE's whole-video decode (itself checked against diffusers in test_vae.py)."""
+    h, w = LATENT_GRIDS[case]
+    latent = torch.randn(1, 48, 3, h, w, generator=torch.Generator().manual_seed(9))
+    first, chunk = runners["vae_decode_first"][0], runners["vae_decode_chunk"][0]
+    out = first.infer({"latent": latent[:, :, :1]})
+    frames = [out["video"]]
+    for index in (1, 2):
+        past = {name.replace("next.", "past.", 1): value for name, value in out.items() if name != "video"}
+        out = chunk.infer({"latent": latent[:, :, index:index + 1], **past})
+        frames.append(out["video"])
+    with torch.no_grad():
+        expected = tiny_models.vae.decode(latent)
+    assert expected.shape[2] == 9
+    compare(f"chunked decode [{case}]", torch.cat(frames, dim=2), expected)
 
 
 def test_ort_runner_refuses_shapes_outside_every_profile(runners, tiny_specs: dict[str, EngineSpec]) -> None:

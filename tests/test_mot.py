@@ -84,7 +84,7 @@ def step_args(model: LanceMoT, *, positions: torch.Tensor, head: torch.Tensor | 
     head = empty(batch, 0, d) if head is None else head
     tail = empty(batch, 0, d) if tail is None else tail
     latents = empty(batch, 0, Z) if latents is None else latents
-    timestep = torch.zeros(batch) if timestep is None else timestep
+    timestep = torch.zeros(batch, latents.shape[1]) if timestep is None else timestep
     latent_pos = torch.zeros(latents.shape[1], d) if latent_pos is None else latent_pos
     if past is None:
         shape = (c.num_hidden_layers, batch, 0, c.num_key_value_heads, c.head_dim)
@@ -435,7 +435,7 @@ def gen_call_inputs(model: LanceMoT, batch: int, n_head: int, n_latent: int, n_t
         positions=positions,
         head=torch.randn(batch, n_head, d, generator=g),
         latents=torch.randn(batch, n_latent, Z, generator=g),
-        timestep=torch.rand(batch, generator=g),
+        timestep=torch.rand(batch, n_latent, generator=g),
         latent_pos=latent_pos_table(1, 64, d)[torch.randint(0, 4096, (n_latent,), generator=g)],
         tail=torch.randn(batch, n_tail, d, generator=g),
         past=(torch.randn(shape, generator=g), torch.randn(shape, generator=g)),
@@ -563,7 +563,7 @@ def test_onnx_export_opset20(tmp_path: Path) -> None:
     names = ("und_head", "latents", "timestep", "latent_pos", "und_tail", "cos", "sin", "past_key", "past_value",
              "past_len", "causal")
     dyn = torch.export.Dim.DYNAMIC
-    axes = {"und_head": {0: dyn, 1: dyn}, "latents": {0: dyn, 1: dyn}, "timestep": {0: dyn},
+    axes = {"und_head": {0: dyn, 1: dyn}, "latents": {0: dyn, 1: dyn}, "timestep": {0: dyn, 1: dyn},
             "latent_pos": {0: dyn}, "und_tail": {0: dyn, 1: dyn}, "cos": {0: dyn, 1: dyn}, "sin": {0: dyn, 1: dyn},
             "past_key": {1: dyn, 2: dyn}, "past_value": {1: dyn, 2: dyn}, "past_len": {0: dyn}, "causal": None}
     # Sizes >= 2 everywhere: the exporter would specialise a 0 or 1.

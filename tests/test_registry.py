@@ -33,7 +33,8 @@ def test_validation_follows_the_media(task: registry.Task) -> None:
             without.validate()
     else:
         without.validate()
-        with pytest.raises(RequestError, match=f"^image: only {' and '.join(registry.tasks_taking('image'))} take"):
+        *rest, last = registry.tasks_taking("image")
+        with pytest.raises(RequestError, match=f"^image: only {', '.join(rest)} and {last} take"):
             with_image.validate()
 
 

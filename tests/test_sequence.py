@@ -26,6 +26,7 @@ from runtime.pipeline.sequence import (
     mape_shift,
     plan_edit,
     plan_t2i,
+    plan_i2v,
     plan_t2v,
     plan_x2t,
 )
@@ -372,6 +373,30 @@ def test_cfg_text_branch_t2v_keeps_the_context_positions(tokenizer) -> None:
     for got, expected in zip(_ids(uncond), [_rows(0, 51), _rows(80, 7)]):
         np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(uncond.query_position_ids, _latent_block(51 + 7, t, h, w))
+
+
+def test_i2v_plan_puts_the_image_before_the_prompt(tokenizer) -> None:
+    """i2v as upstream's ff2v_sample: the t2v system prompt, the image's ViT block (t row shifted to 1000), the prompt,
+    the glue and a video noise block with its own ids (no VAE reference block, so no MaPE copy). The cfg_text branch
+    drops only the prompt: the ViT block stays in its cache, at the full sequence's ids."""
+    t, h, w = 2, 3, 5
+    plan = plan_i2v(tokenizer, PROMPT, (1, 8, 12), t, h, w)
+    assert [s.kind for s in plan.splits] == ["text", "vit", "text", "text", "noise"]
+    assert [s.modality for s in plan.splits] == [Modality.SYSTEM_PROMPT, Modality.REF_VIT, Modality.TEXT,
+                                                  Modality.SYSTEM_PROMPT, Modality.NOISE]
+    assert plan.splits[0].token_ids == plan_t2v(tokenizer, PROMPT, t, h, w).splits[0].token_ids
+    assert tuple(len(s.token_ids) for s in plan.splits[:4]) == (51, 26, 29, 7)
+    hi, wi = (a.ravel() for a in np.meshgrid(np.arange(4), np.arange(6), indexing="ij"))
+    vit = np.concatenate([[[1000], [51], [51]], np.stack([np.full(24, 1001), 52 + hi, 52 + wi]),
+                          [[1007], [58], [58]]], axis=1)
+    cond, uncond = cond_branch(plan), cfg_text_branch(plan)
+    for got, expected in zip(_ids(cond), [_rows(0, 51), vit, _rows(59, 29), _rows(88, 7)]):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(cond.query_position_ids, _latent_block(95, t, h, w))
+    assert [s.kind for s, _ in uncond.context] == ["text", "vit", "text"]
+    for got, expected in zip(_ids(uncond), [_rows(0, 51), vit, _rows(88, 7)]):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(uncond.query_position_ids, _latent_block(59 + 7, t, h, w))   # ViT ids end at 58
 
 
 def test_cfg_text_branch_edit_keeps_the_context_positions(tokenizer) -> None:

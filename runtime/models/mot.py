@@ -259,10 +259,10 @@ def timestep_embedding(t: torch.Tensor, dim: int = TIMESTEP_EMBED_DIM, max_perio
     """DiT sinusoidal timestep features, ``[cos | sin]`` (cos first, as upstream's ``TimestepEmbedder``).
 
     Args:
-        t: ``(B,)`` float, flow time in [0, 1] (not scaled by 1000).
+        t: ``(...)`` float, flow time in [0, 1] (not scaled by 1000).
         dim: feature size (even).
     Returns:
-        ``(B, dim)`` fp32.
+        ``(..., dim)`` fp32.
     Raises:
         ValueError: odd ``dim``.
     """
@@ -270,7 +270,7 @@ def timestep_embedding(t: torch.Tensor, dim: int = TIMESTEP_EMBED_DIM, max_perio
         raise ValueError(f"timestep_embedding needs an even dim, got {dim}")
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
+    args = t.float()[..., None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -455,7 +455,7 @@ class LanceTimestepEmbedder(nn.Module):
                                  nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """t: ``(B,)`` float in [0, 1] -> ``(B, hidden)`` in the weights' dtype."""
+        """t: ``(...)`` float in [0, 1] -> ``(..., hidden)`` in the weights' dtype."""
         return self.mlp(timestep_embedding(t, self.frequency_size).to(self.mlp[0].weight.dtype))
 
 
@@ -678,12 +678,12 @@ class LanceMoT(nn.Module):
 
         Args:
             latents: ``(B, Lg, 48)`` float.
-            timestep: ``(B,)`` float, flow time t in [0, 1] (0 for a clean reference).
+            timestep: ``(B, Lg)`` float, flow time t in [0, 1] per latent row (0 for clean rows).
             latent_pos: ``(Lg, hidden)`` float, rows of ``latent_pos_embed`` gathered by the host.
         Returns:
             ``(B, Lg, hidden)``.
         """
-        return self.vae2llm(latents) + self.time_embedder(timestep)[:, None] + latent_pos[None]
+        return self.vae2llm(latents) + self.time_embedder(timestep) + latent_pos[None]
 
     def forward_layers(
         self,
@@ -726,7 +726,7 @@ class LanceMoT(nn.Module):
         Args:
             und_head: ``(B, Lh, D)`` float, und rows before the latent rows (text, ViT rows, <|vision_start|>).
             latents: ``(B, Lg, 48)`` float, latent tokens for the gen expert (embedded in-graph, `embed_latents`).
-            timestep: ``(B,)`` float, flow time of the latent rows (0 for a clean reference).
+            timestep: ``(B, Lg)`` float, flow time of each latent row (0 for clean rows).
             latent_pos: ``(Lg, D)`` float, latent position rows (gathered by the host from ``latent_pos_embed``).
             und_tail: ``(B, Lt, D)`` float, und rows after the latent rows (<|vision_end|>).
             cos, sin: ``(B, L, head_dim)`` fp32 (`mrope_cos_sin`).

@@ -23,6 +23,7 @@ Caches form a flat tuple in execution order, one per cached convolution; ``WanVA
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, fields
@@ -127,6 +128,10 @@ class WanVAEConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "WanVAEConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def decoder_cache_slots(self) -> tuple["CacheSlot", ...]:
+        """The video decoder's chunk caches in call order (`WanVAE.decoder_cache_slots`), without any weights."""
+        return _decoder_cache_slots(self)
 
     @classmethod
     def tiny(cls) -> "WanVAEConfig":
@@ -712,6 +717,12 @@ class WanDecoder3d(nn.Module):
         for s, block in enumerate(self.upsamples):
             slots += block.cache_slots(f"{prefix}.upsamples.{s}", 1 << s)
         return (*slots, *self.head.cache_slots(f"{prefix}.head", 1 << (len(self.upsamples) - 1)))
+
+
+@functools.lru_cache(maxsize=4)
+def _decoder_cache_slots(config: WanVAEConfig) -> tuple[CacheSlot, ...]:
+    with torch.device("meta"):
+        return WanDecoder3d(config).cache_slots("decoder")
 
 
 # --- The VAE ---------------------------------------------------------------------------------------------------------

@@ -35,13 +35,19 @@ from runtime.models.mot import LanceLLMConfig, latent_pos_table, mrope_cos_sin
 from runtime.models.tokenizer import SpecialIds
 from runtime.models.vit import VisionConfig, VisionInputs, vision_inputs
 from runtime.pipeline.kv_cache import KVCache
-from runtime.pipeline.preprocess import load_image, to_uint8_image
+from runtime.pipeline.preprocess import (
+    load_image,
+    to_uint8_image,
+    to_uint8_video,
+    vae_image_input,
+    vit_image_input,
+)
 from runtime.pipeline.scheduler import apply_cfg, cfg_active, euler_step, make_schedule
 from runtime.pipeline.sequence import SequencePlan, Split, cfg_text_branch, cond_branch, latent_position_ids
 from runtime.runners import Engines, Runner
 from runtime.spec import constants, registry
 from runtime.spec.contract import EngineSpec, torch_dtype
-from runtime.spec.limits import MAX_IMAGE_PIXELS, MAX_TEXT_ROWS
+from runtime.spec.limits import FRAMES_STEP, MAX_IMAGE_PIXELS, MAX_SIZE, MAX_TEXT_ROWS
 from runtime.spec.request import Cancelled, GenerationRequest, GenerationResult, RequestError
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,7 @@ ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 
 VIT_TO_VAE_SIDE = 7 / 8              # upstream's resolutions: ViT 224/448/672 beside VAE 256/512/768
+VIDEO_VIT_TO_VAE_SIDE = 616 / 640    # upstream's video_480p: ViT 616 beside VAE 640
 
 
 @dataclass(frozen=True)
@@ -97,17 +104,17 @@ class LancePipeline:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, *, runner: str = "torch", engine_dir: str | Path | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        fp8_gen: bool = False, fp8_fast_accum: bool = False) -> "LancePipeline":
+                        fp8_gen: bool = False, fp8_fast_accum: bool = False, video: bool = False) -> "LancePipeline":
         """Load a checkpoint (folder in the HF layout or repo id) and build the engines of ``runner``: the PyTorch
         modules for ``torch`` (the fast CUDA engines on a GPU, `runtime.runners.factory.engines_for`), the graphs or
         plans in ``engine_dir`` otherwise (then only the host side is loaded). ``fp8_gen``, ``fp8_fast_accum``: see
-        ``engines_for``."""
+        ``engines_for``. ``video``: the video model (``Lance_3B_Video``), which the video tasks need."""
         from runtime.models.checkpoint import load_lance
         from runtime.spec.contract import engine_specs
         from runtime.runners.factory import engines_for
 
         if runner == "torch":
-            models = load_lance(checkpoint, device=device, dtype=dtype)
+            models = load_lance(checkpoint, device=device, dtype=dtype, video=video)
             host = LanceHost(
                 tokenizer=models.tokenizer, special=models.special_ids, llm_config=models.llm_config,
                 vision_config=models.vision_config,
@@ -120,7 +127,7 @@ class LancePipeline:
         else:
             if engine_dir is None:
                 raise ValueError(f"the {runner} runner needs --engines (a folder written by `lance-trt export`)")
-            host, specs = load_host(checkpoint, device=device, dtype=dtype)
+            host, specs = load_host(checkpoint, device=device, dtype=dtype, video=video)
             engines = engines_for(runner, Path(engine_dir), specs=specs, precision=_precision(dtype),
                                   fp8_gen=fp8_gen)
         return cls(engines, host, device=device, dtype=dtype)
@@ -131,11 +138,27 @@ class LancePipeline:
                  is_cancelled: CancelCheck | None = None) -> GenerationResult:
         """Run one request. Raises `RequestError` for bad input, `Cancelled` when ``is_cancelled()`` turns true."""
         request.validate()
+        self.check_task(registry.TASKS[request.task])
         run = registered(registry.TASKS[request.task].run)
         timings: dict[str, float] = {}
         with torch.inference_mode():
             outputs = run(self, request, Progress(on_progress, is_cancelled), timings)
         return GenerationResult(**outputs, timings=timings)
+
+    def check_task(self, task: registry.Task) -> None:
+        """Refuse a task this pipeline cannot run: its engines are not all bound, or it is a video task and the
+        checkpoint is the image model (its latent position table holds one frame).
+
+        Raises:
+            RequestError: on ``task``, naming what is missing.
+        """
+        missing = [name for name in task.engines if name not in self.engines]
+        if missing:
+            raise RequestError("task", f"{task.name} needs the engines {', '.join(missing)}, which this deployment "
+                               "does not load")
+        if task.video_model and self.host.llm_config.max_latent_frames < 2:
+            raise RequestError("task", f"{task.name} needs the video model ({constants.VIDEO_CKPT_DIR}); this pipeline "
+                               "loaded the image model")
 
     # --- phases -----------------------------------------------------------------------------------------------------
 
@@ -160,6 +183,25 @@ class LancePipeline:
             return load_image(request.image, max_pixels=MAX_IMAGE_PIXELS)
         except ValueError as err:
             raise RequestError("image", str(err)) from None
+
+    def image_inputs(self, request: GenerationRequest, vit_to_vae_side: float,
+                     timings: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+        """The request's image as the VAE sees it (aspect bucket at the requested area, on this device) and as the ViT
+        sees it (patches and grid at ``vit_to_vae_side`` of that side): the inputs of edit and i2v.
+
+        Raises:
+            RequestError: the image is not one, or its bucket at this area is wider than the latent table.
+        """
+        image = self.load_image(request)
+        area_side = round(math.sqrt(request.height * request.width))
+        with timed(timings, "preprocess"):
+            vae_pixels = vae_image_input(image, area_side).to(self.device, torch.float32)
+            patches, vit_grid = vit_image_input(image, round(area_side * vit_to_vae_side))
+        if max(vae_pixels.shape[-2:]) // constants.VAE_DOWNSAMPLE_SPATIAL > constants.MAX_LATENT_SIZE:
+            raise RequestError("height", f"the image's aspect bucket at {request.height}x{request.width} is "
+                               f"{vae_pixels.shape[-2]}x{vae_pixels.shape[-1]}, over {MAX_SIZE} px per side: ask "
+                               "for a smaller area")
+        return vae_pixels, patches, vit_grid
 
     def infer(self, runner: Runner, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run an engine with every input cast to its contract dtype at this pipeline's precision, on the device
@@ -209,7 +251,7 @@ class LancePipeline:
                     latents: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The row groups of one split: text and ViT blocks are all und rows; a latent block is
         ``[<|vision_start|>] + latents (gen) + [<|vision_end|>]`` at t = 0 (a clean reference; the denoise query
-        sets its own timestep in `_velocity`)."""
+        sets its own timesteps in `velocity`)."""
         host = self.host
         if split.kind == "text":
             head, lat, tail = host.embed(split.token_ids), self._no_latents(1), self._no_rows(1)
@@ -224,7 +266,7 @@ class LancePipeline:
             lat = latents
             latent_pos = host.pos_table[torch.as_tensor(latent_position_ids(t, h, w), device=self.device)]
         cos, sin = host.rope(positions)
-        return {"und_head": head, "latents": lat, "timestep": torch.zeros(1), "latent_pos": latent_pos,
+        return {"und_head": head, "latents": lat, "timestep": torch.zeros(1, lat.shape[1]), "latent_pos": latent_pos,
                 "und_tail": tail, "cos": cos, "sin": sin}
 
     def mot(self, feed: dict[str, torch.Tensor], cache: KVCache, branches: slice, causal: bool) -> dict:
@@ -236,8 +278,12 @@ class LancePipeline:
 
     def generate_latent(self, request: GenerationRequest, plan: SequencePlan, progress: "Progress",
                          timings: dict[str, float], *, ref_latent: torch.Tensor | None,
-                         vit_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Prefill the cond (and cfg_text) context, then run the Euler loop on the noise block."""
+                         vit_rows: torch.Tensor | None = None, clean: torch.Tensor | None = None) -> torch.Tensor:
+        """Prefill the cond (and cfg_text) context, then run the Euler loop on the noise block.
+
+        ``clean`` ``(1, n, 48)``: latent tokens that start the noise block and stay as they are (i2v's first frame,
+        upstream ``frame_condition_idx=[0]``): they enter every step at t = 0 and no step updates them, while the CFG
+        renormalisation still measures the velocity of the whole block, as upstream's."""
         use_cfg = request.cfg_scale > 1.0
         branches = [cond_branch(plan)] + ([cfg_text_branch(plan)] if use_cfg else [])
         cache = self.new_cache(max(b.context_length for b in branches), batch=len(branches))
@@ -247,6 +293,9 @@ class LancePipeline:
         noise_split = plan.splits[plan.noise_index]
         t, h, w = noise_split.latent_thw
         x = randn((1, t * h * w, constants.LATENT_CHANNELS), request.seed).to(self.device, self.dtype)
+        pinned = 0 if clean is None else clean.shape[1]
+        if clean is not None:
+            x[:, :pinned] = clean.to(x.dtype)
         schedule = make_schedule(request.steps, constants.DEFAULT_TIMESTEP_SHIFT)
         # The noise query of each branch: its own positions, the same rows.
         query = [self.split_feed(noise_split, b.query_position_ids, None, x) for b in branches]
@@ -255,20 +304,23 @@ class LancePipeline:
                 progress.check()
                 t_now = schedule.timesteps[step]
                 active = branches if use_cfg and cfg_active(t_now, constants.CFG_INTERVAL) else branches[:1]
-                velocity = self.velocity(query[:len(active)], x, t_now, cache)
+                velocity = self.velocity(query[:len(active)], x, t_now, cache, pinned)
                 if len(active) == 2:
                     velocity = apply_cfg(velocity[0:1], velocity[1:2], request.cfg_scale, constants.CFG_RENORM_MIN)
-                x = euler_step(x, velocity, schedule.dts[step])
+                x[:, pinned:] = euler_step(x[:, pinned:], velocity[:, pinned:], schedule.dts[step])
                 progress.advance(step + 1, schedule.steps)
         return x
 
     def velocity(self, queries: list[dict[str, torch.Tensor]], x: torch.Tensor, t: float,
-                  cache: KVCache) -> torch.Tensor:
-        """One batched noise-block query over ``len(queries)`` branches (rows stacked, attention per branch)."""
+                  cache: KVCache, clean_rows: int = 0) -> torch.Tensor:
+        """One batched noise-block query over ``len(queries)`` branches (rows stacked, attention per branch); the
+        first ``clean_rows`` latent rows are at t = 0."""
         batch = len(queries)
         feed = {name: torch.cat([q[name] for q in queries]) for name in ("und_head", "und_tail", "cos", "sin")}
         feed["latents"] = x.expand(batch, -1, -1)
-        feed["timestep"] = torch.full((batch,), t)
+        timestep = torch.full((batch, x.shape[1]), t)
+        timestep[:, :clean_rows] = 0.0
+        feed["timestep"] = timestep
         feed["latent_pos"] = queries[0]["latent_pos"]
         return self.mot(feed, cache, slice(0, batch), causal=False)["velocity"]
 
@@ -300,6 +352,25 @@ class LancePipeline:
             image = self.infer(self.engines.vae_decode, {"latent": grid})["image"]
         return to_uint8_image(image.float().cpu())
 
+    def decode_video(self, latent: torch.Tensor, grid: tuple[int, int, int], timings: dict[str, float],
+                     progress: "Progress") -> np.ndarray:
+        """Latent tokens ``(1, t*h*w, 48)`` -> ``(1 + 4(t-1), H, W, 3)`` uint8, one latent frame per engine call
+        (upstream ``WanVAE_.decode``): the caches pass from call to call, so memory holds one chunk, not the video."""
+        t, h, w = grid
+        frames = latent.reshape(1, t, h, w, constants.LATENT_CHANNELS).permute(0, 4, 1, 2, 3)
+        pixels = []
+        with timed(timings, "vae_decode"):
+            out = self.infer(self.engines.vae_decode_first, {"latent": frames[:, :, :1].contiguous()})
+            for index in range(t):
+                if index:
+                    progress.check()
+                    feed = {"latent": frames[:, :, index:index + 1].contiguous(),
+                            **{name.replace("next.", "past.", 1): value for name, value in out.items()
+                               if name != "video"}}
+                    out = self.infer(self.engines.vae_decode_chunk, feed)
+                pixels.append(to_uint8_video(out["video"].float().cpu()))
+        return np.concatenate(pixels)
+
     def _no_rows(self, batch: int) -> torch.Tensor:
         return torch.zeros(batch, 0, self.host.llm_config.hidden_size, device=self.device)
 
@@ -307,14 +378,14 @@ class LancePipeline:
         return torch.zeros(batch, 0, constants.LATENT_CHANNELS, device=self.device)
 
 
-def load_host(checkpoint: str | Path, *, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32) -> tuple[LanceHost, dict[str, EngineSpec]]:
+def load_host(checkpoint: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              video: bool = False) -> tuple[LanceHost, dict[str, EngineSpec]]:
     """The host side of a pipeline and the engines' contract, without building any network (for runners whose
     engines hold the weights): tokenizer, configs, the token embedding and the regenerated latent position table."""
     from runtime.models.checkpoint import load_host_parts
     from runtime.spec.contract import engine_specs
 
-    parts = load_host_parts(checkpoint, device=device, dtype=dtype)
+    parts = load_host_parts(checkpoint, device=device, dtype=dtype, video=video)
     cfg = parts.llm_config
     pos_table = latent_pos_table(cfg.max_latent_frames, constants.MAX_LATENT_SIZE, cfg.hidden_size)
     host = LanceHost(tokenizer=parts.tokenizer, special=parts.special_ids, llm_config=cfg,
@@ -347,6 +418,11 @@ def _precision(dtype: torch.dtype) -> str:
 
 def latent_size(height: int, width: int) -> tuple[int, int]:
     return height // constants.VAE_DOWNSAMPLE_SPATIAL, width // constants.VAE_DOWNSAMPLE_SPATIAL
+
+
+def latent_frames(frames: int) -> int:
+    """Latent frames of a ``1 + 4k`` frame video: ``1 + k`` (upstream ``get_thw``)."""
+    return (frames - 1) // FRAMES_STEP + 1
 
 
 def randn(shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -3,29 +3,17 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import torch
-
 from runtime.pipeline.core import VIT_TO_VAE_SIDE, LancePipeline, Progress, timed
-from runtime.pipeline.preprocess import vae_image_input, vit_image_input
-from runtime.spec import constants, limits
-from runtime.spec.request import GenerationRequest, RequestError
+from runtime.spec import constants
+from runtime.spec.request import GenerationRequest
 
 
 def run(pipeline: LancePipeline, request: GenerationRequest, progress: Progress,
         timings: dict[str, float]) -> dict[str, Any]:
-    image = pipeline.load_image(request)
-    area_side = round(math.sqrt(request.height * request.width))
-    with timed(timings, "preprocess"):
-        vae_pixels = vae_image_input(image, area_side).to(pipeline.device, torch.float32)
-        patches, vit_grid = vit_image_input(image, round(area_side * VIT_TO_VAE_SIDE))
+    vae_pixels, patches, vit_grid = pipeline.image_inputs(request, VIT_TO_VAE_SIDE, timings)
     lat_h, lat_w = (s // constants.VAE_DOWNSAMPLE_SPATIAL for s in vae_pixels.shape[-2:])
-    if max(lat_h, lat_w) > constants.MAX_LATENT_SIZE:
-        raise RequestError("height", f"the image's aspect bucket at {request.height}x{request.width} is "
-                           f"{vae_pixels.shape[-2]}x{vae_pixels.shape[-1]}, over {limits.MAX_SIZE} px per "
-                           "side: ask for a smaller area")
     with timed(timings, "vit"):
         vit_rows = pipeline.vit(patches, vit_grid)
     with timed(timings, "vae_encode"):

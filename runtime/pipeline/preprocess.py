@@ -261,3 +261,11 @@ def to_uint8_image(x: torch.Tensor) -> np.ndarray:
         raise ValueError(f"expected (3, H, W) or (1, 3, H, W), got {tuple(x.shape)}")
     pixels = x.detach().float().cpu().clip(-1, 1).mul(0.5).add(0.5).mul(255).round().clamp(0, 255)
     return pixels.to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def to_uint8_video(x: torch.Tensor) -> np.ndarray:
+    """Decoded frames ``(1, 3, T, H, W)`` in [-1, 1] -> ``(T, H, W, 3)`` uint8, each frame rounded as
+    `to_uint8_image` (upstream rounds its videos the same way)."""
+    if x.ndim != 5 or tuple(x.shape[:2]) != (1, 3):
+        raise ValueError(f"expected (1, 3, T, H, W), got {tuple(x.shape)}")
+    return np.stack([to_uint8_image(x[0, :, index]) for index in range(x.shape[2])])

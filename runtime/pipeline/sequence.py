@@ -478,6 +478,22 @@ def plan_t2v(tokenizer: PreTrainedTokenizerBase, prompt: str, lat_t: int, lat_h:
     return _plan_generation(tokenizer, constants.SYSTEM_PROMPT_T2V, prompt, (), _latent_grid(lat_t, lat_h, lat_w))
 
 
+def plan_i2v(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, vit_grid: Sequence[int], lat_t: int, lat_h: int, lat_w: int,
+) -> SequencePlan:
+    """Image-to-video [L:…/validation_dataset.py ``ff2v_sample``]; the image is the user turn's first content.
+
+    Splits: ``<|im_start|>system\n{SYSTEM_PROMPT_T2V}<|im_end|>\n<|im_start|>user\n`` (causal, -1) | ViT block of the
+    image (full, 4) | ``{prompt}`` (causal, 0) | ``<|im_end|>\n<|im_start|>assistant\n`` (causal, -1) | noise block of
+    ``lat_t * lat_h * lat_w`` latents (1), whose first latent frame the pipeline keeps clean. MaPE: the ViT block's
+    t-row starts at 1000; with no VAE reference block the noise keeps its own ids. The cfg_text branch keeps the ViT
+    block (only the prompt is dropped), as upstream's ``i_sample_modality != 0`` mask.
+    """
+    vit = _visual_split("vit", vit_grid, Modality.REF_VIT)
+    return _plan_generation(tokenizer, constants.SYSTEM_PROMPT_T2V, prompt, (vit,),
+                            _latent_grid(lat_t, lat_h, lat_w))
+
+
 def plan_edit(
     tokenizer: PreTrainedTokenizerBase, instruction: str, vit_grid: Sequence[int], lat_h: int, lat_w: int,
     *, lat_t: int = 1, vision_type: str = "image",

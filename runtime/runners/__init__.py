@@ -32,8 +32,9 @@ class Runner(Protocol):
 
 
 class TorchRunner:
-    """Runs an engine-shaped ``nn.Module`` (`runtime.runners.graphs`) whose forward takes the contract's inputs as
-    keyword arguments and returns its outputs in contract order."""
+    """Runs an engine-shaped ``nn.Module`` (`runtime.runners.graphs`) whose forward takes the contract's inputs in
+    contract order (positionally: the video decoder's caches arrive as ``*past``) and returns its outputs in contract
+    order."""
 
     host_inputs: tuple[str, ...] = ()
 
@@ -44,7 +45,7 @@ class TorchRunner:
     @torch.inference_mode()
     def infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_feed(self.spec, feed)
-        outputs = self.module(**feed)
+        outputs = self.module(*(feed[name] for name in self.spec.input_names))
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
         return dict(zip(self.spec.output_names, outputs))

@@ -421,7 +421,7 @@ class CudaMoT:
         Args:
             layout: the call's structure.
             inputs: the contract inputs but the past: ``und_head`` ``(B, Lh, D)``, ``latents`` ``(B, Lg, 48)``,
-                ``timestep`` ``(B,)`` fp32, ``latent_pos`` ``(Lg, D)``, ``und_tail`` ``(B, Lt, D)``, ``cos``/``sin``
+                ``timestep`` ``(B, Lg)`` fp32, ``latent_pos`` ``(Lg, D)``, ``und_tail`` ``(B, Lt, D)``, ``cos``/``sin``
                 ``(B, L, hd)`` fp32, ``past_len`` ``(B,)`` int64 (read on the device by the masked layout only).
             workspace: `KVWorkspace` of ``layout``.
         Returns:

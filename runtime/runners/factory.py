@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 
 from runtime.runners import EngineError, Engines, Runner, TorchRunner
-from runtime.runners.graphs import VaeDecodeGraph, VaeEncodeGraph, graph_modules
+from runtime.runners.graphs import (
+    VaeDecodeChunkGraph,
+    VaeDecodeFirstGraph,
+    VaeDecodeGraph,
+    VaeEncodeGraph,
+    graph_modules,
+)
 from runtime.spec.contract import ENGINES, EngineSpec, engine_specs
 from runtime.spec.registry import RUNNERS
 
@@ -148,7 +154,9 @@ def cuda_engines(specs: Mapping[str, EngineSpec], mot: "CudaMoT", vit: "Qwen25Vi
     return Engines(mot=CudaMotRunner(specs["mot"], mot),
                    vit=CudaVitRunner(specs["vit"], CudaVisionTower(vit, compile=on_cuda)),
                    vae_encode=TorchRunner(specs["vae_encode"], VaeEncodeGraph(vae)),
-                   vae_decode=TorchRunner(specs["vae_decode"], torch.compile(decode) if on_cuda else decode))
+                   vae_decode=TorchRunner(specs["vae_decode"], torch.compile(decode) if on_cuda else decode),
+                   vae_decode_first=TorchRunner(specs["vae_decode_first"], VaeDecodeFirstGraph(vae)),
+                   vae_decode_chunk=TorchRunner(specs["vae_decode_chunk"], VaeDecodeChunkGraph(vae)))
 
 
 def bls_runners(specs: Mapping[str, EngineSpec], models: Mapping[str, str], pb_utils: ModuleType, *, precision: str,

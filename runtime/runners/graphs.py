@@ -60,7 +60,36 @@ class VaeDecodeGraph(nn.Module):
         return self.vae.decode_image(latent.to(_compute_dtype(self.vae))).float()
 
 
+class VaeDecodeFirstGraph(nn.Module):
+    """The ``vae_decode_first`` engine: ``decode_first_chunk``, the caches returned after the frame."""
+
+    def __init__(self, vae: WanVAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """latent: ``(1, 48, 1, h, w)`` fp32 -> frame 0 ``(1, 3, 1, 16h, 16w)`` fp32, then the caches in fp32."""
+        video, caches = self.vae.decode_first_chunk(latent.to(_compute_dtype(self.vae)))
+        return video.float(), *(cache.float() for cache in caches)
+
+
+class VaeDecodeChunkGraph(nn.Module):
+    """The ``vae_decode_chunk`` engine: ``decode_chunk`` with the caches as positional inputs and outputs (one per
+    causal convolution, `WanVAE.decoder_cache_slots` order; ONNX export binds them in contract order)."""
+
+    def __init__(self, vae: WanVAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """latent: ``(1, 48, 1, h, w)`` fp32 and the caches -> ``(1, 3, 4, 16h, 16w)`` fp32 and the new caches."""
+        dtype = _compute_dtype(self.vae)
+        video, caches = self.vae.decode_chunk(latent.to(dtype), [cache.to(dtype) for cache in past])
+        return video.float(), *(cache.float() for cache in caches)
+
+
 def graph_modules(models: "LanceModels") -> dict[str, nn.Module]:
-    """The four engine modules over loaded models, by engine name (`runtime.spec.registry.ENGINES` order)."""
+    """The engine modules over loaded models, by engine name (`runtime.spec.registry.ENGINES` order)."""
     return {"vit": models.vit, "mot": models.mot, "vae_encode": VaeEncodeGraph(models.vae),
-            "vae_decode": VaeDecodeGraph(models.vae)}
+            "vae_decode": VaeDecodeGraph(models.vae), "vae_decode_first": VaeDecodeFirstGraph(models.vae),
+            "vae_decode_chunk": VaeDecodeChunkGraph(models.vae)}

@@ -5,7 +5,7 @@ that imports ``triton_python_backend_utils`` (it exists only inside a Triton Pyt
   ``mot`` and its KV cache in this process, ``vit``/``vae_encode``/``vae_decode`` as BLS calls to their own Triton
   models (`runtime.runners.triton_bls.BlsRunner`, built by `runtime.runners.factory`) -- and serves each request in an envelope: response sender ->
   request tensors -> ``request_from_tensors`` -> ``generate`` (a progress response per denoise step or token, the
-  sender's ``is_cancelled()`` polled between them) -> the final response (image or text, plus the ``timings`` JSON),
+  sender's ``is_cancelled()`` polled between them) -> the final response (image, text or video, plus ``timings``),
   FINAL always. ``RequestError`` becomes ``INVALID_ARG``, ``Cancelled`` ``CANCELLED``, anything else ``INTERNAL``
   with a one-line message (the traceback goes to the log only). One request's failure never touches another's.
 * `EngineModel` (``lance_vit``, ``lance_vae_encode``, ``lance_vae_decode`` served on CPU, ``configs/cpu.pbtxt``): the
@@ -153,11 +153,14 @@ def task_label(arrays: Mapping[str, np.ndarray]) -> str:
 
 
 def result_tensors(result: GenerationResult) -> list[Any]:
-    """The final response's tensors: ``image`` (UINT8 [H, W, 3]) or ``text`` (BYTES [1]), and ``timings``."""
-    if result.image is not None:
-        output = pb_utils.Tensor("image", np.ascontiguousarray(result.image))
+    """The final response's tensors: the result's output kind (``image`` UINT8 [H, W, 3], ``text`` BYTES [1] or
+    ``video`` UINT8 [T, H, W, 3]) and ``timings``."""
+    kind = next(kind for kind in registry.OUTPUT_KINDS if getattr(result, kind) is not None)
+    value = getattr(result, kind)
+    if kind == "text":
+        output = pb_utils.Tensor("text", np.array([value.encode("utf-8")], dtype=np.object_))
     else:
-        output = pb_utils.Tensor("text", np.array([result.text.encode("utf-8")], dtype=np.object_))
+        output = pb_utils.Tensor(kind, np.ascontiguousarray(value))
     timings = json.dumps({stage: round(seconds, 6) for stage, seconds in result.timings.items()})
     return [output, pb_utils.Tensor("timings", np.array([timings.encode("utf-8")], dtype=np.object_))]
 

@@ -430,7 +430,7 @@ def _spelled(shape: Iterable[Dim]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
-# --- The four engines --------------------------------------------------------------------------------------------
+# --- The engines -------------------------------------------------------------------------------------------------
 
 
 def mot_spec(*, hidden: int, layers: int, kv_heads: int, head_dim: int, vocab: int, latent_channels: int) -> EngineSpec:
@@ -443,7 +443,8 @@ def mot_spec(*, hidden: int, layers: int, kv_heads: int, head_dim: int, vocab: i
     ScatterND/NonZero. The attention mode is an input (``causal``). Past K/V come in as the runner's preallocated
     buffer sliced to ``P`` rows with ``past_len`` valid rows per batch entry; the new K/V rows come out and the runner
     writes them, so the graph needs no in-place update layer (TensorRT 10.5 compatible). ``B`` is 1, or 2 for the two
-    CFG branches. The flow time stays fp32 in every precision, as upstream's ``timestep`` tensor.
+    CFG branches. The flow time stays fp32 in every precision, as upstream's ``timestep`` tensor, and comes per latent row
+    as upstream's: i2v keeps its first latent frame clean (t = 0) inside the noise block.
     """
     rows = total("Lhead", "Lgen", "Ltail")
     return EngineSpec(
@@ -451,7 +452,8 @@ def mot_spec(*, hidden: int, layers: int, kv_heads: int, head_dim: int, vocab: i
         inputs=(
             TensorSpec("und_head", DType.FLOAT, ("B", "Lhead", "D"), "und rows before the latent rows (embeddings)"),
             TensorSpec("latents", DType.FLOAT, ("B", "Lgen", "Z"), "latent tokens routed to the gen expert"),
-            TensorSpec("timestep", DType.FP32, ("B",), "flow time t in [0, 1] of the latent rows (0: clean reference)"),
+            TensorSpec("timestep", DType.FP32, ("B", "Lgen"),
+                       "flow time t in [0, 1] of each latent row (0: clean, a reference or an i2v first frame)"),
             TensorSpec("latent_pos", DType.FLOAT, ("Lgen", "D"), "latent position-embedding rows"),
             TensorSpec("und_tail", DType.FLOAT, ("B", "Ltail", "D"), "und rows after the latent rows (embeddings)"),
             TensorSpec("cos", DType.FP32, ("B", rows, "HD"), "mRoPE cosines, merged per mrope_section"),
@@ -548,13 +550,56 @@ def vae_decode_spec(*, latent_channels: int, image_channels: int, spatial_factor
     )
 
 
+def _side(name: str, scale: int) -> Dim:
+    return name if scale == 1 else scaled(name, scale)
+
+
+def vae_video_decode_specs(*, latent_channels: int, image_channels: int, spatial_factor: int, temporal_factor: int,
+                           caches: Sequence[Any]) -> tuple[EngineSpec, EngineSpec]:
+    """The video decoder's two chunk steps (runtime.models.vae ``decode_first_chunk`` / ``decode_chunk``): latent frame
+    0 gives frame 0 and starts the causal caches; each later latent frame gives ``temporal_factor`` frames from the
+    caches and returns them updated. The caches are engine inputs and outputs (``past.<conv>`` / ``next.<conv>``, one
+    per causal convolution), so one latent frame's activations are all a call holds: 121 frames decode in the memory of
+    one. I/O is fp32 in every precision, as the image decoder's.
+
+    Args:
+        caches: the decoder's cache slots in call order (``WanVAEConfig.decoder_cache_slots``): ``name``, ``channels``,
+            ``frames`` and ``scale`` (cache side over latent side) each.
+    """
+    latent = (1, "Z", 1, "h", "w")
+
+    def frames(count: int) -> tuple[Dim, ...]:
+        return (1, "C", count, scaled("h", spatial_factor), scaled("w", spatial_factor))
+
+    def cache(prefix: str, slot: Any, what: str) -> TensorSpec:
+        shape = (1, slot.channels, slot.frames, _side("h", slot.scale), _side("w", slot.scale))
+        return TensorSpec(f"{prefix}.{slot.name}", DType.FP32, shape, f"{what} of {slot.name}")
+
+    sizes = {"C": image_channels, "Z": latent_channels}
+    nexts = tuple(cache("next", slot, "causal cache after this chunk") for slot in caches)
+    first = EngineSpec(
+        name="vae_decode_first",
+        inputs=(TensorSpec("latent", DType.FP32, latent, "normalised latent frame 0"),),
+        outputs=(TensorSpec("video", DType.FP32, frames(1), "frame 0, RGB in [-1, 1]"), *nexts),
+        profiles=_latent_profiles(), sizes=sizes,
+    )
+    chunk = EngineSpec(
+        name="vae_decode_chunk",
+        inputs=(TensorSpec("latent", DType.FP32, latent, "the next normalised latent frame"),
+                *(cache("past", slot, "causal cache before this chunk") for slot in caches)),
+        outputs=(TensorSpec("video", DType.FP32, frames(temporal_factor), "the chunk's frames, RGB in [-1, 1]"), *nexts),
+        profiles=_latent_profiles(), sizes=sizes,
+    )
+    return first, chunk
+
+
 def engine_specs(llm_config: Any, vision_config: Any, vae_config: Any) -> dict[str, EngineSpec]:
     """Every engine's spec with the fixed sizes read from the configs.
 
     Args:
         llm_config: ``runtime.models.mot.LanceLLMConfig``.
         vision_config: ``runtime.models.vit.VisionConfig``.
-        vae_config: ``runtime.models.vae.WanVAEConfig``.
+        vae_config: ``runtime.models.vae.WanVAEConfig`` (its ``decoder_cache_slots()`` shape the video decoder's caches).
     Returns:
         ``{name: spec}`` in `ENGINES` order.
     Raises:
@@ -576,6 +621,8 @@ def engine_specs(llm_config: Any, vision_config: Any, vae_config: Any) -> dict[s
                  latent_channels=vae_config.z_dim),
         vae_encode_spec(**vae),
         vae_decode_spec(**vae),
+        *vae_video_decode_specs(**vae, temporal_factor=vae_config.temporal_factor,
+                                caches=vae_config.decoder_cache_slots()),
     )
     by_name = {spec.name: spec for spec in specs}
     assert tuple(by_name) == ENGINES, f"contract {tuple(by_name)} != registry {ENGINES}"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.spec import constants, registry
+from runtime.spec.limits import DEFAULT_FRAMES, FRAMES_STEP, MAX_FRAMES
 
 
 def _takers(field: str) -> str:
@@ -21,14 +22,37 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     prompts = ", ".join(f"{task.prompt} ({task.name})" for task in registry.TASKS.values())
     parser.add_argument("--prompt", required=True, help=prompts)
     parser.add_argument("--image", type=Path, help=f"input image ({_takers('image')})")
-    parser.add_argument("--height", type=int, default=constants.DEFAULT_HEIGHT)
-    parser.add_argument("--width", type=int, default=constants.DEFAULT_WIDTH)
+    for side in ("height", "width"):
+        own = ", ".join(f"{task.name} {dict(task.defaults)[side]}" for task in registry.TASKS.values()
+                        if side in dict(task.defaults))
+        default = getattr(constants, f"DEFAULT_{side.upper()}")
+        parser.add_argument(f"--{side}", type=int, help=f"output {side} (default {default}; {own})")
+    parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
+                        help=f"video frames, {FRAMES_STEP}k+1 up to {MAX_FRAMES}, written at 12 fps ({_takers('frames')}; "
+                             "default: %(default)s)")
     parser.add_argument("--steps", type=int, default=constants.DEFAULT_STEPS)
     parser.add_argument("--cfg-scale", type=float, default=constants.DEFAULT_CFG_SCALE)
     parser.add_argument("--seed", type=int, default=constants.DEFAULT_SEED)
     parser.add_argument("--max-new-tokens", type=int, default=constants.DEFAULT_MAX_NEW_TOKENS)
-    outputs = ", ".join(f"{task.name}: {task.output}" for task in registry.TASKS.values() if task.output != "text")
+    outputs = ", ".join(f"{task.name}: {OUTPUT_FILES[task.output]}" for task in registry.TASKS.values()
+                        if task.output != "text")
     parser.add_argument("-o", "--output", type=Path, help=f"output file ({outputs})")
+
+
+OUTPUT_FILES = {"image": "an image file (PNG, JPEG, ...)", "video": "an MP4 file, H.264 at 12 fps"}
+"""What ``-o`` writes per output kind (`runtime.spec.registry.OUTPUT_KINDS` that are files)."""
+
+
+def write_output(kind: str, value: Any, path: Path) -> None:
+    """Write an image or video result to ``path`` (the format of an image follows its suffix)."""
+    if kind == "video":
+        from runtime.spec.video import write_mp4
+
+        write_mp4(path, value)
+    else:
+        from PIL import Image
+
+        Image.fromarray(value).save(path)
 
 
 def add_task_subcommands(parser: argparse.ArgumentParser, **common: object) -> dict[str, argparse.ArgumentParser]:

@@ -12,6 +12,12 @@ SIZE_MULTIPLE = 16              # one latent cell (the VAE's spatial factor)
 MIN_SIZE = 256
 MAX_SIZE = 1024                 # 64 latent cells per side: the latent position table's extent
 
+# --- Video ---------------------------------------------------------------------------------------------------------
+FRAMES_STEP = 4                 # the VAE's temporal factor: 1 + 4k frames make 1 + k latent frames
+MAX_FRAMES = 121                # 31 latent frames: the video checkpoint's position table (upstream's max_num_frames)
+DEFAULT_FRAMES = 49             # upstream's inference_lance.sh: NUM_FRAMES 50, i.e. 13 latent frames, 49 decoded
+VIDEO_FPS = 12                  # upstream saves its videos at 12 fps
+
 # --- Generation options --------------------------------------------------------------------------------------------
 STEPS_RANGE = (1, 200)
 MAX_NEW_TOKENS_RANGE = (1, 2048)

@@ -44,6 +44,8 @@ class Task:
             an image or a video).
         options: the request options it reads (each a `runtime.spec.request` field); the others keep their defaults.
         output: the output kind: ``image``, ``text`` or ``video``.
+        video_model: runs on the video checkpoint (``Lance_3B_Video``), as upstream runs every video task.
+        defaults: the task's own defaults of request options (t2v's 480 x 848), over the request's.
         engines: the engines it runs.
         planner: ``module:function`` that lays out its sequence (`runtime.pipeline.sequence`).
         run: ``module:function`` that runs it: ``run(pipeline, request, progress, timings)`` returns the output.
@@ -58,6 +60,8 @@ class Task:
     engines: tuple[str, ...]
     planner: str
     run: str
+    video_model: bool = False
+    defaults: tuple[tuple[str, int], ...] = ()
 
 
 RUNNERS = ("torch", "onnxruntime", "tensorrt")
@@ -69,9 +73,17 @@ ENGINES: dict[str, Engine] = {engine.name: engine for engine in (
     Engine("mot", "one step of the MoT LLM over a block of rows against the KV cache", None),
     Engine("vae_encode", "Wan2.2 VAE encoder: image -> sampled latent", "lance_vae_encode"),
     Engine("vae_decode", "Wan2.2 VAE decoder: latent -> image", "lance_vae_decode"),
+    # The video decoder's chunk steps run beside mot: their causal caches pass from call to call.
+    Engine("vae_decode_first", "Wan2.2 VAE decoder, latent frame 0 of a video: -> frame 0 and the causal caches",
+           None),
+    Engine("vae_decode_chunk", "Wan2.2 VAE decoder, one later latent frame and the caches -> 4 frames and the caches",
+           None),
 )}
 
 _IMAGE_OPTIONS = ("height", "width", "steps", "cfg_scale", "seed")
+_VIDEO_OPTIONS = (*_IMAGE_OPTIONS, "frames")
+_VIDEO_SIZE = (("height", 480), ("width", 848))     # upstream's README t2v: 480 x 848
+_VIDEO_DECODER = ("vae_decode_first", "vae_decode_chunk")
 
 TASKS: dict[str, Task] = {task.name: task for task in (
     Task("t2i", "text to image", "prompt", media=(), options=_IMAGE_OPTIONS, output="image",
@@ -83,11 +95,19 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     Task("edit", "image edit", "instruction", media=("image",), options=_IMAGE_OPTIONS, output="image",
          engines=("vit", "mot", "vae_encode", "vae_decode"),
          planner="runtime.pipeline.sequence:plan_edit", run="runtime.pipeline.edit:run"),
+    Task("t2v", "text to video", "prompt", media=(), options=_VIDEO_OPTIONS, output="video",
+         engines=("mot", *_VIDEO_DECODER),
+         planner="runtime.pipeline.sequence:plan_t2v", run="runtime.pipeline.t2v:run",
+         video_model=True, defaults=_VIDEO_SIZE),
+    Task("i2v", "image to video: the image is the first frame", "prompt", media=("image",), options=_VIDEO_OPTIONS,
+         output="video", engines=("vit", "mot", "vae_encode", *_VIDEO_DECODER),
+         planner="runtime.pipeline.sequence:plan_i2v", run="runtime.pipeline.i2v:run",
+         video_model=True, defaults=_VIDEO_SIZE),
 )}
 
 MEDIA = ("image",)
 """Every input medium a task may take, in wire order."""
-OUTPUT_KINDS = ("image", "text")
+OUTPUT_KINDS = ("image", "text", "video")
 """Every output kind a task may produce, in wire order."""
 
 
@@ -97,8 +117,10 @@ def tasks_taking(field: str) -> tuple[str, ...]:
 
 
 def _check() -> None:
-    """The tables are consistent: every task's media, outputs and engines are declared."""
+    """The tables are consistent: every task's media, outputs and engines are declared, its defaults are options."""
     for task in TASKS.values():
+        if not {name for name, _ in task.defaults} <= set(task.options):
+            raise ValueError(f"task {task.name!r}: defaults for options it does not read")
         unknown = (set(task.media) - set(MEDIA)) | ({task.output} - set(OUTPUT_KINDS)) | (set(task.engines)
                                                                                           - set(ENGINES))
         if unknown:

@@ -20,6 +20,9 @@ from runtime.spec import constants, registry
 from runtime.spec.contract import DType, TensorSpec
 from runtime.spec.limits import (
     CFG_SCALE_RANGE,
+    DEFAULT_FRAMES,
+    FRAMES_STEP,
+    MAX_FRAMES,
     MAX_IMAGE_BYTES,
     MAX_NEW_TOKENS_RANGE,
     MAX_PROMPT_CHARS,
@@ -32,7 +35,14 @@ from runtime.spec.limits import (
 
 
 def _tasks_doc(field: str) -> str:
-    return " and ".join(registry.tasks_taking(field))
+    *rest, last = registry.tasks_taking(field)
+    return f"{', '.join(rest)} and {last}" if rest else last
+
+
+def _video_default(field: str) -> str:
+    """The tasks whose own default of ``field`` differs from the request's, for the interface docs."""
+    own = {task.name: dict(task.defaults)[field] for task in registry.TASKS.values() if field in dict(task.defaults)}
+    return "".join(f"; {name}: {value} by default" for name, value in own.items())
 
 
 # --- Request and response tensors (stable: new optional inputs/outputs may be added) ---------------------------
@@ -42,10 +52,12 @@ LANCE_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("prompt", DType.BYTES, (1,), "UTF-8 " + ", ".join(f"{t.prompt} ({t.name})"
                                                                   for t in registry.TASKS.values())),
     TensorSpec("image", DType.BYTES, (1,), f"encoded PNG or JPEG: required for {_tasks_doc('image')}", optional=True),
-    TensorSpec("height", DType.INT64, (1,), f"output height, multiple of {SIZE_MULTIPLE} in [{MIN_SIZE}, {MAX_SIZE}]",
-               optional=True),
-    TensorSpec("width", DType.INT64, (1,), f"output width, multiple of {SIZE_MULTIPLE} in [{MIN_SIZE}, {MAX_SIZE}]",
-               optional=True),
+    TensorSpec("height", DType.INT64, (1,), f"output height, multiple of {SIZE_MULTIPLE} in [{MIN_SIZE}, {MAX_SIZE}]"
+               f"{_video_default('height')}", optional=True),
+    TensorSpec("width", DType.INT64, (1,), f"output width, multiple of {SIZE_MULTIPLE} in [{MIN_SIZE}, {MAX_SIZE}]"
+               f"{_video_default('width')}", optional=True),
+    TensorSpec("frames", DType.INT64, (1,), f"{_tasks_doc('frames')} frame count, {FRAMES_STEP}k+1 in [1, {MAX_FRAMES}] "
+               f"(default {DEFAULT_FRAMES})", optional=True),
     TensorSpec("steps", DType.INT64, (1,), f"denoising steps in [{STEPS_RANGE[0]}, {STEPS_RANGE[1]}]", optional=True),
     TensorSpec("seed", DType.INT64, (1,), "noise seed in [0, 2**32-1]", optional=True),
     TensorSpec("max_new_tokens", DType.INT64, (1,),
@@ -58,6 +70,7 @@ LANCE_INPUTS: tuple[TensorSpec, ...] = (
 _OUTPUT_OF_KIND = {
     "image": TensorSpec("image", DType.UINT8, ("H", "W", 3), "generated image, final response"),
     "text": TensorSpec("text", DType.BYTES, (1,), "UTF-8 answer, final response"),
+    "video": TensorSpec("video", DType.UINT8, ("T", "H", "W", 3), "generated frames, final response"),
 }
 
 LANCE_OUTPUTS: tuple[TensorSpec, ...] = (
@@ -103,7 +116,9 @@ class GenerationRequest:
         task: one of ``registry.TASKS``.
         prompt: the prompt, question or instruction (`registry.Task.prompt`); UTF-8 text.
         image: the encoded input image (PNG or JPEG bytes) for the tasks that take one; None otherwise.
-        height, width: output size in pixels (t2i, edit).
+        height, width: output size in pixels; None takes the task's default (`registry.Task.defaults`), else
+            upstream's 768.
+        frames: frames of a generated video, ``4k + 1``.
         steps: denoising steps (t2i, edit).
         seed: seed of the initial noise.
         max_new_tokens: answer budget (x2t).
@@ -115,12 +130,20 @@ class GenerationRequest:
     task: str
     prompt: str
     image: bytes | None = None
-    height: int = constants.DEFAULT_HEIGHT
-    width: int = constants.DEFAULT_WIDTH
+    height: int | None = None
+    width: int | None = None
+    frames: int = DEFAULT_FRAMES
     steps: int = constants.DEFAULT_STEPS
     seed: int = constants.DEFAULT_SEED
     max_new_tokens: int = constants.DEFAULT_MAX_NEW_TOKENS
     cfg_scale: float = constants.DEFAULT_CFG_SCALE
+
+    def __post_init__(self) -> None:
+        task = registry.TASKS.get(self.task) if isinstance(self.task, str) else None
+        defaults = dict(task.defaults) if task is not None else {}
+        for name, default in (("height", constants.DEFAULT_HEIGHT), ("width", constants.DEFAULT_WIDTH)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, defaults.get(name, default))
 
     def validate(self) -> GenerationRequest:
         """Check every field; returns ``self`` so calls chain.
@@ -142,6 +165,10 @@ class GenerationRequest:
             value = _integer(name, getattr(self, name))
             if not (MIN_SIZE <= value <= MAX_SIZE and value % SIZE_MULTIPLE == 0):
                 raise RequestError(name, f"must be a multiple of {SIZE_MULTIPLE} in [{MIN_SIZE}, {MAX_SIZE}], got {value}")
+        frames = _integer("frames", self.frames)
+        if not (1 <= frames <= MAX_FRAMES and (frames - 1) % FRAMES_STEP == 0):
+            raise RequestError("frames", f"must be {FRAMES_STEP}k+1 in [1, {MAX_FRAMES}] (1, 5, 9, ..., {MAX_FRAMES}), "
+                                         f"got {frames}")
         _check_range("steps", _integer("steps", self.steps), STEPS_RANGE)
         _check_range("seed", _integer("seed", self.seed), (0, SEED_MAX))
         _check_range("max_new_tokens", _integer("max_new_tokens", self.max_new_tokens), MAX_NEW_TOKENS_RANGE)
@@ -181,10 +208,11 @@ def _check_range(name: str, value: int, bounds: tuple[int, int]) -> None:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """What a request produced: an image (t2i, edit) or a text answer (x2t), and per-stage timings.
+    """What a request produced: an image (t2i, edit), a text answer (x2t) or a video (t2v, i2v), and per-stage timings.
 
     Attributes:
         image: (H, W, 3) uint8 RGB, or None.
+        video: (T, H, W, 3) uint8 RGB frames, or None.
         text: the decoded answer, or None.
         token_ids: the generated token ids of an x2t answer (without the end token), or None.
         timings: seconds per pipeline stage, e.g. ``{"prefill": 0.12, "denoise": 3.4, "vae_decode": 0.2}``.
@@ -193,14 +221,17 @@ class GenerationResult:
     image: np.ndarray | None = None
     text: str | None = None
     token_ids: tuple[int, ...] | None = None
+    video: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if (self.image is None) == (self.text is None):
-            raise ValueError("a GenerationResult holds exactly one of image and text")
-        image = self.image
-        if image is not None and (image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3):
-            raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+        if sum(getattr(self, kind) is not None for kind in registry.OUTPUT_KINDS) != 1:
+            raise ValueError(f"a GenerationResult holds exactly one of {', '.join(registry.OUTPUT_KINDS)}")
+        for kind, rank in (("image", 3), ("video", 4)):
+            pixels = getattr(self, kind)
+            if pixels is not None and (pixels.dtype != np.uint8 or pixels.ndim != rank or pixels.shape[-1] != 3):
+                raise ValueError(f"{kind} must be ({'T, ' * (rank - 3)}H, W, 3) uint8, got {pixels.shape} "
+                                 f"{pixels.dtype}")
 
 
 # --- Triton request tensors ------------------------------------------------------------------------------------
