@@ -15,7 +15,7 @@ from pathlib import Path
 
 from runtime.spec import constants, registry
 from runtime.spec.contract import PRECISIONS
-from runtime.spec.flags import ProgressBar, add_generation_options, write_output
+from runtime.spec.flags import ProgressBar, add_generation_options, read_media, write_output
 
 log = logging.getLogger("lance_trt")
 
@@ -118,12 +118,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from runtime.spec.request import GenerationRequest, RequestError
 
     try:
-        image = args.image.read_bytes() if args.image is not None else None
+        media = read_media(args)
     except OSError as err:
-        print(f"lance-trt: --image {args.image}: cannot read it: {err.strerror}", file=sys.stderr)
+        flag = next(name for name in registry.MEDIA if getattr(args, name) == Path(err.filename))
+        print(f"lance-trt: --{flag} {err.filename}: cannot read it: {err.strerror}", file=sys.stderr)
         return 2
     request = GenerationRequest(
-        task=args.task, prompt=args.prompt, image=image, height=args.height, width=args.width, frames=args.frames,
+        task=args.task, prompt=args.prompt, **media, height=args.height, width=args.width, frames=args.frames,
         steps=args.steps, seed=args.seed, cfg_scale=args.cfg_scale, max_new_tokens=args.max_new_tokens,
     )
     if registry.TASKS[args.task].output != "text" and args.output is None:
@@ -139,7 +140,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         pipeline = LancePipeline.from_checkpoint(
             args.checkpoint, runner=args.runner, engine_dir=args.engines, device=args.device,
             dtype=PRECISION_DTYPES[args.precision], fp8_gen=args.fp8_gen, fp8_fast_accum=args.fp8_fast_accum,
-            video=registry.TASKS[args.task].video_model,
+            video=registry.needs_video_model(registry.TASKS[args.task], set(media)),
         )
         bar = ProgressBar("token" if registry.TASKS[args.task].output == "text" else "step")
         try:
@@ -147,7 +148,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     except RequestError as err:
-        where = f"--image {args.image}" if err.field == "image" and args.image is not None else err.field
+        given = getattr(args, err.field, None) if err.field in registry.MEDIA else None
+        where = f"--{err.field} {given}" if given is not None else err.field
         print(f"lance-trt: {where}: {err.message}", file=sys.stderr)
         return 2
     except (ValueError, EngineError) as err:    # a backend, engine file or device that cannot run: one line

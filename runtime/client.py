@@ -99,6 +99,7 @@ class LanceClient:
         prompt: str,
         image: bytes | str | os.PathLike[str] | None = None,
         *,
+        video: bytes | str | os.PathLike[str] | None = None,
         height: int | None = None,
         width: int | None = None,
         frames: int | None = None,
@@ -115,6 +116,7 @@ class LanceClient:
             task: one of ``registry.TASKS``.
             prompt: prompt, question or instruction.
             image: encoded PNG/JPEG bytes, or a path to such a file (the tasks whose `registry.Task.media` has it).
+            video: an encoded video file's bytes, or its path (likewise).
             height, width, frames, steps, seed, cfg_scale, max_new_tokens: generation options; None leaves the
                 server's default (upstream's, per task).
             on_progress: called with (done, total) for every progress response.
@@ -126,18 +128,14 @@ class LanceClient:
         Raises:
             LanceClientError: with the server's message and gRPC code.
         """
-        if image is not None and not isinstance(image, bytes):
-            try:
-                image = Path(image).read_bytes()
-            except OSError as err:
-                raise LanceClientError(f"image: cannot read {image}: {err.strerror}") from None
+        media = {name: _read(name, value) for name, value in (("image", image), ("video", video))
+                 if value is not None}
         options = {"height": height, "width": width, "frames": frames, "steps": steps, "seed": seed,
                    "cfg_scale": cfg_scale, "max_new_tokens": max_new_tokens}
         given = {name for name, value in options.items() if value is not None}
-        request = GenerationRequest(task=task, prompt=prompt, image=image,
-                                    **{name: options[name] for name in given})
+        request = GenerationRequest(task=task, prompt=prompt, **media, **{name: options[name] for name in given})
         try:
-            tensors = request_to_tensors(request, only=given | {"image"})
+            tensors = request_to_tensors(request, only=given | set(media))
         except ValueError as err:
             raise LanceClientError(str(err), "INVALID_ARGUMENT") from None
         return self._stream(tensors, on_progress, timeout)
@@ -235,12 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _error_line(err: LanceClientError, image: Path | None) -> str:
-    """The error as the user typed the request: a refused image names the file given to ``--image`` (the server
-    knows only the field, ``image: ...``)."""
-    if image is None or not err.message.startswith("image: "):
+def _read(field: str, value: bytes | str | os.PathLike[str]) -> bytes:
+    """A medium's bytes, read from its path unless given as bytes."""
+    if isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as err:
+        raise LanceClientError(f"{field}: cannot read {value}: {err.strerror}") from None
+
+
+def _error_line(err: LanceClientError, args: argparse.Namespace) -> str:
+    """The error as the user typed the request: a refused image or video names the file given to ``--image`` or
+    ``--video`` (the server knows only the field, ``image: ...``)."""
+    field = next((name for name in registry.MEDIA if err.message.startswith(f"{name}: ")), None)
+    if field is None or getattr(args, field) is None:
         return str(err)
-    line = f"--image {image}: {err.message.removeprefix('image: ')}"
+    line = f"--{field} {getattr(args, field)}: {err.message.removeprefix(f'{field}: ')}"
     return f"{err.code}: {line}" if err.code else line
 
 
@@ -249,20 +258,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_task_arguments(parser, args)
-    if args.image is not None and not args.image.is_file():
-        parser.error(f"--image: {args.image} is not a readable file")
+    for name in registry.MEDIA:
+        if getattr(args, name) is not None and not getattr(args, name).is_file():
+            parser.error(f"--{name}: {getattr(args, name)} is not a readable file")
 
     bar = ProgressBar("token" if registry.TASKS[args.task].output == "text" else "step", disable=args.quiet)
     try:
         result = LanceClient(args.url).generate(
-            args.task, args.prompt, args.image, height=args.height, width=args.width, frames=args.frames,
+            args.task, args.prompt, args.image, video=args.video, height=args.height, width=args.width,
+            frames=args.frames,
             steps=args.steps,
             seed=args.seed, cfg_scale=args.cfg_scale, max_new_tokens=args.max_new_tokens,
             on_progress=bar.update, timeout=args.timeout,
         )
     except LanceClientError as err:
         bar.close()
-        print(f"lance-client: {_error_line(err, args.image)}", file=sys.stderr)
+        print(f"lance-client: {_error_line(err, args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         bar.close()

@@ -17,7 +17,7 @@ from runtime.client import DEFAULT_URL, LanceClient, LanceClientError, build_par
 from runtime.serving.server import TritonServer, free_port
 from tests.triton_harness import REPO_ROOT, running_server, triton_test, write_lance_standin
 
-GENERATION_FLAGS = {"--prompt", "--image", "--height", "--width", "--frames", "--steps", "--cfg-scale", "--seed",
+GENERATION_FLAGS = {"--prompt", "--image", "--video", "--height", "--width", "--frames", "--steps", "--cfg-scale", "--seed",
                     "--max-new-tokens", "-o", "--output"}
 
 
@@ -69,7 +69,7 @@ def test_parse_defaults() -> None:
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["x2t", "--prompt", "what?"], "--image is required for x2t"),
+    (["x2t", "--prompt", "what?"], "--image or --video is required for x2t"),
     (["edit", "--prompt", "night", "-o", "o.png"], "--image is required for edit"),
     (["t2i", "--prompt", "a fox"], "-o/--output is required for t2i"),
     (["edit", "--image", "/nonexistent.png", "--prompt", "x", "-o", "o.png"], "/nonexistent.png is not a readable"),

@@ -323,6 +323,10 @@ BAD_INPUTS = {
     "image-over-20-MiB": (dict(task="x2t", image=b"\x89PNG" + bytes(MAX_IMAGE_BYTES)), "image",
                           f"at most {MAX_IMAGE_BYTES} bytes"),
     "empty-image": (dict(task="x2t", image=b""), "image", "is empty"),
+    "video-for-t2i": (dict(video=b"\x00\x00\x00\x18ftypmp42"), "video", "only x2t take a video"),
+    # this repository serves the image model; upstream's x2t on a video runs on Lance_3B_Video
+    "x2t-video-on-the-image-model": (dict(task="x2t", video=b"\x00\x00\x00\x18ftypmp42"), "video",
+                                     "needs the video model"),
 }
 """Refused by model lance (``RequestError`` -> INVALID_ARG): case -> (changes, field, words in the message)."""
 

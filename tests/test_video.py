@@ -115,3 +115,93 @@ def test_mp4_round_trip_and_refusals(tmp_path: Path) -> None:
         write_mp4(tmp_path / "odd.mp4", np.zeros((1, 63, 64, 3), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         write_mp4(tmp_path / "float.mp4", np.zeros((1, 64, 64, 3), np.float32))
+
+
+# --- x2t on a video --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """2 s of random 96 x 64 frames at 12 fps, as H.264 MP4."""
+    frames = np.random.default_rng(1).integers(0, 256, (24, 64, 96, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    write_mp4(path, frames)
+    return path.read_bytes()
+
+
+def test_frames_are_sampled_as_upstream() -> None:
+    """Upstream's MultiClipsFrameSampler at inference (12 fps, at most 6 s, 4k+1 frames spread over the whole video,
+    floored): worked by hand from its code for these cases."""
+    from runtime.pipeline.preprocess import sample_frame_indices
+
+    assert sample_frame_indices(24, 12) == [0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 23]
+    ten_seconds = sample_frame_indices(240, 24)          # capped at 6 s: 72 -> 69 frames, over all 10 s
+    assert len(ten_seconds) == 69 and ten_seconds[:4] == [0, 3, 7, 10] and ten_seconds[-1] == 239
+    assert sample_frame_indices(7, 24) == [0]             # round(3.5) = 4 -> 1 frame
+    assert len(sample_frame_indices(100, 25)) == 45       # 4 s: 48 -> 45
+    with pytest.raises(ValueError, match="too short"):
+        sample_frame_indices(1, 24)
+
+
+def test_vit_per_frame_pair_is_the_whole_video(video_pipeline, clip: bytes) -> None:
+    """The tower attends within a temporal patch only, so one call per frame pair equals one call over the video."""
+    from runtime.models.vit import vision_inputs
+    from runtime.pipeline.preprocess import load_video, vit_video_input
+
+    pairs, grid = vit_video_input(load_video(clip)[:4])
+    assert grid[0] == 2 and all(p.shape == pairs[0].shape for p in pairs)
+    vit, config = video_pipeline.engines["vit"].module, video_pipeline.host.vision_config
+    with torch.no_grad():
+        whole = vit(torch.cat(pairs), **vision_inputs(grid, config).engine_inputs())
+    torch.testing.assert_close(video_pipeline.vit_video(pairs, grid)[0], whole, rtol=1e-5, atol=1e-5)
+
+
+def test_x2t_on_a_video_is_deterministic(video_pipeline, clip: bytes) -> None:
+    request = GenerationRequest("x2t", "What happens in the video?", video=clip, max_new_tokens=4)
+    first, again = video_pipeline.generate(request), video_pipeline.generate(request)
+    assert first.text == again.text and first.token_ids == again.token_ids and len(first.token_ids) <= 4
+    assert {"vit", "prefill", "decode_text"} <= set(first.timings)
+
+
+@pytest.mark.parametrize("changes, field, words", [
+    (dict(video=b"\x00\x00\x00\x18ftypmp42 not really"), "video", "not a decodable MP4"),
+    (dict(video=b"RIFF" + bytes(64)), "video", "not a decodable"),
+    (dict(video=b""), "video", "is empty"),
+    (dict(image=_png(np.zeros((32, 32, 3), np.uint8))), "video", "got both"),
+    (dict(task="t2i"), "video", "only x2t take a video"),
+], ids=["mp4-header-only", "avi-header-only", "empty", "image-and-video", "video-for-t2i"])
+def test_bad_videos_are_refused(video_pipeline, clip: bytes, changes: dict, field: str, words: str) -> None:
+    fields = {"task": "x2t", "prompt": "what?", "video": clip, "max_new_tokens": 2} | changes
+    with pytest.raises(RequestError, match=words) as caught:
+        video_pipeline.generate(GenerationRequest(**fields))
+    assert caught.value.field == field
+
+
+def test_video_over_the_cap_is_refused_before_decoding() -> None:
+    from runtime.spec.limits import MAX_VIDEO_BYTES
+
+    with pytest.raises(RequestError, match=f"at most {MAX_VIDEO_BYTES} bytes") as caught:
+        GenerationRequest("x2t", "what?", video=bytes(MAX_VIDEO_BYTES + 1)).validate()
+    assert caught.value.field == "video"
+
+
+def test_truncated_video_is_refused(video_pipeline, clip: bytes) -> None:
+    with pytest.raises(RequestError) as caught:
+        video_pipeline.generate(GenerationRequest("x2t", "what?", video=clip[: len(clip) // 2], max_new_tokens=2))
+    assert caught.value.field == "video" and "<_io." not in caught.value.message
+
+
+def test_x2t_on_a_video_needs_the_video_model(torch_pipeline, clip: bytes) -> None:
+    with pytest.raises(RequestError, match="needs the video model") as caught:
+        torch_pipeline.generate(GenerationRequest("x2t", "what?", video=clip, max_new_tokens=2))
+    assert caught.value.field == "video"
+
+
+def test_cli_answers_about_a_video(tiny_video_checkpoint: Path, clip: bytes, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.cli import main
+
+    (tmp_path / "clip.mp4").write_bytes(clip)
+    assert main(["run", "x2t", "--checkpoint", str(tiny_video_checkpoint), "--video", str(tmp_path / "clip.mp4"),
+                 "--prompt", "what?", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.endswith("\n")

@@ -37,6 +37,7 @@ from runtime.models.vit import VisionConfig, VisionInputs, vision_inputs
 from runtime.pipeline.kv_cache import KVCache
 from runtime.pipeline.preprocess import (
     load_image,
+    load_video,
     to_uint8_image,
     to_uint8_video,
     vae_image_input,
@@ -138,37 +139,40 @@ class LancePipeline:
                  is_cancelled: CancelCheck | None = None) -> GenerationResult:
         """Run one request. Raises `RequestError` for bad input, `Cancelled` when ``is_cancelled()`` turns true."""
         request.validate()
-        self.check_task(registry.TASKS[request.task])
+        self.check_task(request)
         run = registered(registry.TASKS[request.task].run)
         timings: dict[str, float] = {}
         with torch.inference_mode():
             outputs = run(self, request, Progress(on_progress, is_cancelled), timings)
         return GenerationResult(**outputs, timings=timings)
 
-    def check_task(self, task: registry.Task) -> None:
-        """Refuse a task this pipeline cannot run: its engines are not all bound, or it is a video task and the
-        checkpoint is the image model (its latent position table holds one frame).
+    def check_task(self, request: GenerationRequest) -> None:
+        """Refuse a request this pipeline cannot run: its task's engines are not all bound, or it needs the video model
+        (a video task, or a video input) and the checkpoint is the image model (its position table holds one frame).
 
         Raises:
-            RequestError: on ``task``, naming what is missing.
+            RequestError: on ``task`` (or ``video``), naming what is missing.
         """
+        task = registry.TASKS[request.task]
         missing = [name for name in task.engines if name not in self.engines]
         if missing:
             raise RequestError("task", f"{task.name} needs the engines {', '.join(missing)}, which this deployment "
                                "does not load")
-        if task.video_model and self.host.llm_config.max_latent_frames < 2:
-            raise RequestError("task", f"{task.name} needs the video model ({constants.VIDEO_CKPT_DIR}); this pipeline "
+        media = {name for name in registry.MEDIA if getattr(request, name) is not None}
+        if registry.needs_video_model(task, media) and self.host.llm_config.max_latent_frames < 2:
+            field, what = ("task", task.name) if task.video_model else ("video", f"{task.name} on a video")
+            raise RequestError(field, f"{what} needs the video model ({constants.VIDEO_CKPT_DIR}); this pipeline "
                                "loaded the image model")
 
     # --- phases -----------------------------------------------------------------------------------------------------
 
-    def plan(self, request: GenerationRequest, *layout: Any) -> SequencePlan:
+    def plan(self, request: GenerationRequest, *layout: Any, **options: Any) -> SequencePlan:
         """The sequence of ``request`` from its task's planner (`runtime.spec.registry.Task.planner`), called with the
-        tokenizer, the prompt and ``layout`` (latent and ViT grids, the answer budget); a prompt the tokenizer or the
-        planner refuses is the client's error."""
+        tokenizer, the prompt, ``layout`` (latent and ViT grids, the answer budget) and ``options``; a prompt the
+        tokenizer or the planner refuses is the client's error."""
         planner = registered(registry.TASKS[request.task].planner)
         try:
-            plan = planner(self.host.tokenizer, request.prompt, *layout)
+            plan = planner(self.host.tokenizer, request.prompt, *layout, **options)
         except ValueError as err:
             raise RequestError("prompt", str(err)) from None
         text_rows = sum(len(s.token_ids) for s in plan.splits if s.kind == "text")
@@ -203,6 +207,14 @@ class LancePipeline:
                                "for a smaller area")
         return vae_pixels, patches, vit_grid
 
+    def load_video(self, request: GenerationRequest) -> list[Any]:
+        """The frames upstream samples from the request's video (PIL); a file that is not a video is the client's
+        error."""
+        try:
+            return load_video(request.video, max_pixels=MAX_IMAGE_PIXELS)
+        except ValueError as err:
+            raise RequestError("video", str(err)) from None
+
     def infer(self, runner: Runner, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run an engine with every input cast to its contract dtype at this pipeline's precision, on the device
         (the runner's host inputs on the CPU). Host-to-device copies do not wait for the device: the loop queues
@@ -217,10 +229,16 @@ class LancePipeline:
         return runner.infer(placed)
 
     def vit(self, patches: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """ViT rows ``(1, P/4, D)`` of one image."""
+        """ViT rows ``(1, P/4, D)`` of one image (or one frame pair)."""
         feed = {**_vision_inputs(grid, self.host.vision_config).engine_inputs(), "patches": patches}
         (rows,) = self.infer(self.engines.vit, feed).values()
         return rows[None]
+
+    def vit_video(self, pairs: Sequence[torch.Tensor], grid: tuple[int, int, int]) -> torch.Tensor:
+        """ViT rows ``(1, T/2 * P/4, D)`` of a video: one engine call per frame pair (`vit_video_input`), in ``t``
+        order."""
+        pair_grid = (1, *grid[1:])
+        return torch.cat([self.vit(patches, pair_grid) for patches in pairs], dim=1)
 
     def encode_reference(self, pixels: torch.Tensor, seed: int) -> torch.Tensor:
         """The edit reference as latent tokens ``(1, h*w, 48)``: Lance samples the posterior, with explicit noise."""

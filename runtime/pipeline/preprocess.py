@@ -102,6 +102,85 @@ def load_image(
     return image.convert("RGB")
 
 
+# --- Videos ----------------------------------------------------------------------------------------------------------
+
+VIDEO_FORMATS = ("mp4", "matroska", "avi")
+"""The demuxers an input video may use, tried in order (MP4/MOV, Matroska/WebM, AVI). Forcing one keeps FFmpeg's
+probing away from formats that open other files (HLS, concat); the MOV demuxer's external references stay off."""
+DEFAULT_FPS = 24                # upstream's fallback when a video's average rate cannot be read
+
+
+def sample_frame_indices(total: int, fps: float, sample_fps: int = 12, max_seconds: float = 6.0,
+                         temporal: int = 4) -> list[int]:
+    """The frames upstream's ``MultiClipsFrameSampler`` takes from a video of ``total`` frames at ``fps`` (inference
+    settings: one clip, ``kn+1`` lengths, no truncation): ``n = round(min(duration, max_seconds) * sample_fps)``
+    brought to ``temporal * k + 1``, spread evenly over the **whole** video (``linspace(0, total - 1, n)``, floored).
+
+    Raises:
+        ValueError: the video is too short for one frame at ``sample_fps``.
+    """
+    duration = min(total / fps, max_seconds)
+    n = int(round(duration * sample_fps))
+    n = n // temporal * temporal + 1 if n % temporal else n // temporal * temporal + 1 - temporal
+    if total < 1 or n < 1:
+        raise ValueError(f"the video holds {total} frames at {fps:g} fps: too short for one frame at {sample_fps} fps")
+    return np.linspace(0, total - 1, n, dtype=int).tolist()
+
+
+def _open_video(data: bytes):  # -> av.container.InputContainer
+    import av
+
+    for name in VIDEO_FORMATS:
+        try:
+            container = av.open(io.BytesIO(data), format=name)
+        except (av.FFmpegError, ValueError) as err:
+            logger.debug("not %s: %s", name, err)
+            continue
+        if container.streams.video:
+            return container
+        container.close()
+    raise ValueError(f"not a decodable MP4, Matroska/WebM or AVI video with a video stream (it starts with "
+                     f"{data[:8]!r})")
+
+
+def load_video(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, sample_fps: int = 12,
+               max_seconds: float = 6.0) -> list[Image.Image]:
+    """The RGB frames upstream samples from an encoded video (`sample_frame_indices`; its rate rounded to an integer
+    as decord's ``get_avg_fps`` is there, 24 when unknown).
+
+    Raises:
+        ValueError: not a video in `VIDEO_FORMATS`, frames over ``max_pixels``, too short, or truncated.
+    """
+    import av
+
+    if not data:
+        raise ValueError("video data is empty")
+    with _open_video(data) as container:
+        stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > max_pixels:
+            raise ValueError(f"frames are {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+        fps = int(round(float(stream.average_rate))) if stream.average_rate else DEFAULT_FPS
+        total = sum(1 for packet in container.demux(stream) if packet.size)
+    wanted = sample_frame_indices(total, fps or DEFAULT_FPS, sample_fps, max_seconds)
+    keep = set(wanted)
+    frames: dict[int, Image.Image] = {}
+    with _open_video(data) as container:
+        try:
+            for index, frame in enumerate(container.decode(video=0)):
+                if index in keep:
+                    frames[index] = frame.to_image().convert("RGB")
+                if index >= wanted[-1]:
+                    break
+        except av.FFmpegError as err:
+            raise ValueError(f"corrupt or truncated video after {len(frames)} sampled frames: {err}") from None
+    missing = keep - set(frames)
+    if missing:
+        raise ValueError(f"truncated video: frame {min(missing)} of {total} cannot be decoded")
+    logger.debug("decoded %d of %d frames (%dx%d, %d fps)", len(wanted), total, width, height, fps)
+    return [frames[index] for index in wanted]
+
+
 # --- Aspect-ratio buckets --------------------------------------------------------------------------------------------
 
 
@@ -235,6 +314,26 @@ def vit_image_input(
     video = x[:, None].repeat(1, _VISION.temporal_patch_size, 1, 1)
     grid = (1, x.shape[1] // _VISION.patch_size, x.shape[2] // _VISION.patch_size)
     return patchify(video), grid
+
+
+def vit_video_input(
+    frames: Sequence[Image.Image], area_side: int = constants.VIT_RESOLUTION_VIDEO
+) -> tuple[list[torch.Tensor], tuple[int, int, int]]:
+    """ViT input of sampled video frames: each frame as `vit_image_input` prepares it (one bucket, the frames share a
+    size), an odd count padded by repeating the last frame (upstream), then patch rows per frame pair. The tower
+    attends within one temporal patch only (its windows and its full-attention blocks are per ``t``), so running it
+    per pair and concatenating in ``t`` order is the whole video's forward.
+
+    Returns:
+        patch rows ``(P, 1176)`` per frame pair, and the video's ``grid_thw = (T/2, H/14, W/14)``.
+    """
+    video = torch.stack([_bucket_tensor(frame, area_side, constants.VIT_CROP_MULTIPLE, constants.VIT_MEAN,
+                                        constants.VIT_STD) for frame in frames], dim=1)
+    tp = _VISION.temporal_patch_size
+    if video.shape[1] % tp:
+        video = torch.cat([video, video[:, -1:].repeat(1, tp - video.shape[1] % tp, 1, 1)], dim=1)
+    pairs = [patchify(video[:, start:start + tp]) for start in range(0, video.shape[1], tp)]
+    return pairs, (len(pairs), video.shape[2] // _VISION.patch_size, video.shape[3] // _VISION.patch_size)
 
 
 def vae_image_input(image: Image.Image, area_side: int = constants.VAE_RESOLUTION_IMAGE) -> torch.Tensor:

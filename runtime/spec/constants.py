@@ -91,6 +91,7 @@ VIT_STD = (0.26862954, 0.26130258, 0.27577711)
 VIT_CROP_MULTIPLE = 28
 VIT_RESOLUTION_IMAGE = 672      # image_768res -> ViT side 672
 VAE_RESOLUTION_IMAGE = 768      # image_768res -> VAE side 768
+VIT_RESOLUTION_VIDEO = 616      # video_480p -> ViT side 616 (input videos of x2t and video edit)
 ASPECT_RATIOS = ((21, 9), (16, 9), (4, 3), (1, 1), (3, 4), (9, 16))
 
 # --- Prompts [L:data/common.py generate_system_prompt; L:common/val/instructions.py] ---------------
@@ -115,6 +116,7 @@ def system_prompt_edit(vision_type: str = "image") -> str:
 
 
 X2T_QA_INSTRUCTION = "Look at the image carefully and answer the question."
+X2T_VIDEO_QA_INSTRUCTION = "Watch the video carefully and answer the question."   # config/examples/x2t_video_example
 
 # --- MaPE (modality-aware RoPE) offsets [L:data/common.py shift_position_ids pro_type=10] ----------
 MAPE_VIT_T_OFFSET = 1000

@@ -22,6 +22,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     prompts = ", ".join(f"{task.prompt} ({task.name})" for task in registry.TASKS.values())
     parser.add_argument("--prompt", required=True, help=prompts)
     parser.add_argument("--image", type=Path, help=f"input image ({_takers('image')})")
+    parser.add_argument("--video", type=Path, help=f"input video, sampled at 12 fps over at most 6 s ({_takers('video')})")
     for side in ("height", "width"):
         own = ", ".join(f"{task.name} {dict(task.defaults)[side]}" for task in registry.TASKS.values()
                         if side in dict(task.defaults))
@@ -41,6 +42,15 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 OUTPUT_FILES = {"image": "an image file (PNG, JPEG, ...)", "video": "an MP4 file, H.264 at 12 fps"}
 """What ``-o`` writes per output kind (`runtime.spec.registry.OUTPUT_KINDS` that are files)."""
+
+
+def read_media(args: argparse.Namespace) -> dict[str, bytes]:
+    """The bytes of each input file given (``--image``, ``--video``), by request field.
+
+    Raises:
+        OSError: a file cannot be read; ``err.filename`` names it.
+    """
+    return {name: getattr(args, name).read_bytes() for name in registry.MEDIA if getattr(args, name) is not None}
 
 
 def write_output(kind: str, value: Any, path: Path) -> None:
@@ -70,8 +80,13 @@ def check_task_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
     """What argparse cannot say per task: the medium a task needs and the output file of an image task
     (``parser.error`` names the flag)."""
     task = registry.TASKS[args.task]
-    if "image" in task.media and args.image is None:
-        parser.error(f"--image is required for {task.name}")
+    given = [name for name in registry.MEDIA if getattr(args, name) is not None]
+    for name in given:
+        if name not in task.media:
+            parser.error(f"--{name}: {task.name} takes no {name}")
+    if task.media and len(given) != 1:
+        flags = " or ".join(f"--{name}" for name in task.media)
+        parser.error(f"{task.name} takes one of {flags}, not both" if given else f"{flags} is required for {task.name}")
     if task.output != "text" and args.output is None:
         parser.error(f"-o/--output is required for {task.name}")
 

@@ -16,7 +16,10 @@ MAX_SIZE = 1024                 # 64 latent cells per side: the latent position 
 FRAMES_STEP = 4                 # the VAE's temporal factor: 1 + 4k frames make 1 + k latent frames
 MAX_FRAMES = 121                # 31 latent frames: the video checkpoint's position table (upstream's max_num_frames)
 DEFAULT_FRAMES = 49             # upstream's inference_lance.sh: NUM_FRAMES 50, i.e. 13 latent frames, 49 decoded
-VIDEO_FPS = 12                  # upstream saves its videos at 12 fps
+VIDEO_FPS = 12                  # upstream saves its videos at 12 fps, and samples input videos at 12 fps
+MAX_VIDEO_SECONDS = 6.0         # upstream's max_duration of an input video (its sampler spreads the frames over all)
+MAX_VIDEO_BYTES = 64 * 2**20
+"""Encoded size cap of an input video (64 MiB)."""
 
 # --- Generation options --------------------------------------------------------------------------------------------
 STEPS_RANGE = (1, 200)

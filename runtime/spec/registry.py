@@ -44,7 +44,8 @@ class Task:
             an image or a video).
         options: the request options it reads (each a `runtime.spec.request` field); the others keep their defaults.
         output: the output kind: ``image``, ``text`` or ``video``.
-        video_model: runs on the video checkpoint (``Lance_3B_Video``), as upstream runs every video task.
+        video_model: runs on the video checkpoint (``Lance_3B_Video``), as upstream runs every video task (x2t runs
+            on it when its input is a video: `needs_video_model`).
         defaults: the task's own defaults of request options (t2v's 480 x 848), over the request's.
         engines: the engines it runs.
         planner: ``module:function`` that lays out its sequence (`runtime.pipeline.sequence`).
@@ -89,7 +90,8 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     Task("t2i", "text to image", "prompt", media=(), options=_IMAGE_OPTIONS, output="image",
          engines=("mot", "vae_decode"),
          planner="runtime.pipeline.sequence:plan_t2i", run="runtime.pipeline.t2i:run"),
-    Task("x2t", "image to text (answer on stdout)", "question", media=("image",), options=("max_new_tokens",),
+    Task("x2t", "image or video to text (answer on stdout)", "question", media=("image", "video"),
+         options=("max_new_tokens",),
          output="text", engines=("vit", "mot"),
          planner="runtime.pipeline.sequence:plan_x2t", run="runtime.pipeline.x2t:run"),
     Task("edit", "image edit", "instruction", media=("image",), options=_IMAGE_OPTIONS, output="image",
@@ -105,10 +107,16 @@ TASKS: dict[str, Task] = {task.name: task for task in (
          video_model=True, defaults=_VIDEO_SIZE),
 )}
 
-MEDIA = ("image",)
+MEDIA = ("image", "video")
 """Every input medium a task may take, in wire order."""
 OUTPUT_KINDS = ("image", "text", "video")
 """Every output kind a task may produce, in wire order."""
+
+
+def needs_video_model(task: Task, media: set[str]) -> bool:
+    """Whether a request of ``task`` with inputs ``media`` runs on ``Lance_3B_Video``: a video task, or a video input
+    (upstream's x2t_video runs on the video checkpoint)."""
+    return task.video_model or "video" in media
 
 
 def tasks_taking(field: str) -> tuple[str, ...]:

@@ -24,6 +24,7 @@ from runtime.spec.limits import (
     FRAMES_STEP,
     MAX_FRAMES,
     MAX_IMAGE_BYTES,
+    MAX_VIDEO_BYTES,
     MAX_NEW_TOKENS_RANGE,
     MAX_PROMPT_CHARS,
     MAX_SIZE,
@@ -51,7 +52,9 @@ LANCE_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("task", DType.BYTES, (1,), "one of: " + ", ".join(registry.TASKS)),
     TensorSpec("prompt", DType.BYTES, (1,), "UTF-8 " + ", ".join(f"{t.prompt} ({t.name})"
                                                                   for t in registry.TASKS.values())),
-    TensorSpec("image", DType.BYTES, (1,), f"encoded PNG or JPEG: required for {_tasks_doc('image')}", optional=True),
+    TensorSpec("image", DType.BYTES, (1,), f"encoded PNG or JPEG, for {_tasks_doc('image')}", optional=True),
+    TensorSpec("video", DType.BYTES, (1,), f"encoded video file (MP4, WebM, ...), at most {MAX_VIDEO_BYTES >> 20} MiB, "
+               f"for {_tasks_doc('video')}; sampled at 12 fps over at most 6 s", optional=True),
     TensorSpec("height", DType.INT64, (1,), f"output height, multiple of {SIZE_MULTIPLE} in [{MIN_SIZE}, {MAX_SIZE}]"
                f"{_video_default('height')}", optional=True),
     TensorSpec("width", DType.INT64, (1,), f"output width, multiple of {SIZE_MULTIPLE} in [{MIN_SIZE}, {MAX_SIZE}]"
@@ -116,6 +119,8 @@ class GenerationRequest:
         task: one of ``registry.TASKS``.
         prompt: the prompt, question or instruction (`registry.Task.prompt`); UTF-8 text.
         image: the encoded input image (PNG or JPEG bytes) for the tasks that take one; None otherwise.
+        video: the encoded input video for the tasks that take one; None otherwise. A task that lists media takes
+            exactly one of them (x2t: an image or a video).
         height, width: output size in pixels; None takes the task's default (`registry.Task.defaults`), else
             upstream's 768.
         frames: frames of a generated video, ``4k + 1``.
@@ -130,6 +135,7 @@ class GenerationRequest:
     task: str
     prompt: str
     image: bytes | None = None
+    video: bytes | None = None
     height: int | None = None
     width: int | None = None
     frames: int = DEFAULT_FRAMES
@@ -160,7 +166,7 @@ class GenerationRequest:
             raise RequestError("prompt", "must contain visible characters")
         if len(self.prompt) > MAX_PROMPT_CHARS:
             raise RequestError("prompt", f"at most {MAX_PROMPT_CHARS} characters, got {len(self.prompt)}")
-        self._validate_image()
+        self._validate_media()
         for name in ("height", "width"):
             value = _integer(name, getattr(self, name))
             if not (MIN_SIZE <= value <= MAX_SIZE and value % SIZE_MULTIPLE == 0):
@@ -179,20 +185,34 @@ class GenerationRequest:
             raise RequestError("cfg_scale", f"must be a finite number in [{low:g}, {high:g}], got {self.cfg_scale!r}")
         return self
 
-    def _validate_image(self) -> None:
-        takes_image = "image" in registry.TASKS[self.task].media
-        if self.image is None:
-            if takes_image:
-                raise RequestError("image", f"required for {self.task} (an encoded PNG or JPEG)")
-            return
-        if not takes_image:
-            raise RequestError("image", f"only {_tasks_doc('image')} take an image; {self.task} does not")
-        if not isinstance(self.image, bytes):
-            raise RequestError("image", f"must be the encoded file as bytes, got {type(self.image).__name__}")
-        if not self.image:
-            raise RequestError("image", "is empty")
-        if len(self.image) > MAX_IMAGE_BYTES:
-            raise RequestError("image", f"at most {MAX_IMAGE_BYTES} bytes encoded, got {len(self.image)}")
+    def _validate_media(self) -> None:
+        """A task that lists media takes exactly one of them; a medium it does not list is refused."""
+        task = registry.TASKS[self.task]
+        given = [name for name in registry.MEDIA if getattr(self, name) is not None]
+        for name in given:
+            if name not in task.media:
+                raise RequestError(name, f"only {_tasks_doc(name)} take {_ARTICLE[name]}; {self.task} does not")
+        if task.media and not given:
+            wanted = " or ".join(f"{_ARTICLE[name]} ({_MEDIUM_FORMATS[name]})" for name in task.media)
+            raise RequestError(task.media[0], f"required for {self.task}: {wanted}")
+        if len(given) > 1:
+            raise RequestError(given[1], f"{self.task} takes one of {' and '.join(task.media)}, got both")
+        for name in given:
+            _check_encoded(name, getattr(self, name), _MAX_BYTES[name])
+
+
+_ARTICLE = {"image": "an image", "video": "a video"}
+_MEDIUM_FORMATS = {"image": "an encoded PNG or JPEG", "video": "an encoded video file"}
+_MAX_BYTES = {"image": MAX_IMAGE_BYTES, "video": MAX_VIDEO_BYTES}
+
+
+def _check_encoded(name: str, value: object, max_bytes: int) -> None:
+    if not isinstance(value, bytes):
+        raise RequestError(name, f"must be the encoded file as bytes, got {type(value).__name__}")
+    if not value:
+        raise RequestError(name, "is empty")
+    if len(value) > max_bytes:
+        raise RequestError(name, f"at most {max_bytes} bytes encoded, got {len(value)}")
 
 
 def _integer(name: str, value: object) -> int:
@@ -290,7 +310,7 @@ def _scalar(spec: TensorSpec, array: np.ndarray) -> object:
     assert spec.dtype is DType.BYTES, f"no conversion for {spec.dtype}"
     if not isinstance(value, bytes):
         raise RequestError(spec.name, f"expected bytes in a BYTES tensor, got {type(value).__name__}")
-    if spec.name == "image":
+    if spec.name in registry.MEDIA:
         return value
     try:
         return value.decode("utf-8")
