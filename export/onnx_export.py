@@ -74,7 +74,8 @@ REWRITE_RULES = tuple(rule for rule in onnxscript.rewriter._DEFAULT_REWRITE_RULE
 """onnxscript's default rewrite rules but ``SlicesSplit``: its matcher (a pattern with several output nodes) walks the
 whole graph for every Slice, quadratic in the graph's size; on the 36-layer mot graph it alone ran for minutes, and
 TensorRT takes the Slices as they are."""
-FP32_ENGINES = ("vae_encode", "vae_decode", "vae_decode_first", "vae_decode_chunk")
+FP32_ENGINES = ("vae_encode", "vae_decode", "vae_encode_first", "vae_encode_chunk", "vae_decode_first",
+                "vae_decode_chunk")
 """Engines whose ``bf16/`` graph is the fp32 graph (their I/O is fp32 in the contract either way)."""
 
 _ONNX_DTYPES = {

@@ -303,6 +303,31 @@ def test_chunked_video_decode_equals_the_vae(runners, tiny_models: LanceModels, 
     compare(f"chunked decode [{case}]", torch.cat(frames, dim=2), expected)
 
 
+@pytest.mark.parametrize("case", ["square 256", "smallest (21:9 at 256)"])
+def test_chunked_video_encode_equals_the_vae(runners, tiny_models: LanceModels, case: str) -> None:
+    """Nine frames through the exported encoder chunk graphs (frame 0, then two chunks of 4, the caches passed along)
+    give the posterior of the VAE's whole-video encode (itself checked against diffusers in test_vae.py), and each
+    latent frame is that posterior sampled with its noise."""
+    h, w = LATENT_GRIDS[case]
+    g = torch.Generator().manual_seed(10)
+    video = torch.rand(1, 3, 9, 16 * h, 16 * w, generator=g) * 2 - 1
+    noise = torch.randn(1, 48, 3, h, w, generator=g)
+    first, chunk = runners["vae_encode_first"][0], runners["vae_encode_chunk"][0]
+    out = first.infer({"video": video[:, :, :1], "noise": noise[:, :, :1]})
+    outs = [out]
+    for index in (1, 2):
+        past = {name.replace("next.", "past.", 1): value for name, value in out.items() if name.startswith("next.")}
+        out = chunk.infer({"video": video[:, :, 4 * index - 3:4 * index + 1], "noise": noise[:, :, index:index + 1],
+                           **past})
+        outs.append(out)
+    with torch.no_grad():
+        mean, log_var = tiny_models.vae.encode(video)
+    got = {name: torch.cat([o[name] for o in outs], dim=2) for name in ("latent", "mean", "log_var")}
+    compare(f"chunked encode mean [{case}]", got["mean"], mean)
+    compare(f"chunked encode log_var [{case}]", got["log_var"], log_var)
+    compare(f"chunked encode latent [{case}]", got["latent"], mean + torch.exp(0.5 * log_var) * noise)
+
+
 def test_ort_runner_refuses_shapes_outside_every_profile(runners, tiny_specs: dict[str, EngineSpec]) -> None:
     ort_runner, _ = runners["vae_decode"]
     with pytest.raises(EngineError, match="fit no profile"):

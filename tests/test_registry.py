@@ -23,19 +23,27 @@ def test_task_functions_resolve(task: registry.Task) -> None:
     assert task.run == f"runtime.pipeline.{task.name.replace('-', '_')}:run", "one module per task"
 
 
+MEDIUM_BYTES = {"image": PNG, "video": b"\x00\x00\x00\x18ftypmp42"}     # validation checks bytes, not decoding
+
+
 @pytest.mark.parametrize("task", registry.TASKS.values(), ids=lambda task: task.name)
 def test_validation_follows_the_media(task: registry.Task) -> None:
-    with_image = GenerationRequest(task=task.name, prompt="x", image=PNG)
+    """A task takes exactly one of its media and refuses the others, naming the tasks that take them."""
+    for medium in registry.MEDIA:
+        request = GenerationRequest(task=task.name, prompt="x", **{medium: MEDIUM_BYTES[medium]})
+        if medium in task.media:
+            request.validate()
+        else:
+            *rest, last = registry.tasks_taking(medium)
+            takers = f"{', '.join(rest)} and {last}" if rest else last
+            with pytest.raises(RequestError, match=f"^{medium}: only {takers} take"):
+                request.validate()
     without = GenerationRequest(task=task.name, prompt="x")
-    if "image" in task.media:
-        with_image.validate()
-        with pytest.raises(RequestError, match="^image: required"):
+    if task.media:
+        with pytest.raises(RequestError, match=f"^{task.media[0]}: required"):
             without.validate()
     else:
         without.validate()
-        *rest, last = registry.tasks_taking("image")
-        with pytest.raises(RequestError, match=f"^image: only {', '.join(rest)} and {last} take"):
-            with_image.validate()
 
 
 def test_wire_format_derives_from_the_registry() -> None:

@@ -35,6 +35,8 @@ def _feeds(models: LanceModels, specs: dict[str, EngineSpec]) -> dict[str, dict[
         "mot": mot_feed(models, specs["mot"], MOT_CASES["denoise, smallest grid, CFG batch"]),
         "vae_encode": contract.sample_inputs(specs["vae_encode"], seed=5, h=10, w=12),
         "vae_decode": contract.sample_inputs(specs["vae_decode"], seed=6, h=12, w=10),
+        "vae_encode_first": contract.sample_inputs(specs["vae_encode_first"], seed=9, h=10, w=12),
+        "vae_encode_chunk": contract.sample_inputs(specs["vae_encode_chunk"], seed=10, h=12, w=10),
         "vae_decode_first": contract.sample_inputs(specs["vae_decode_first"], seed=7, h=10, w=12),
         "vae_decode_chunk": contract.sample_inputs(specs["vae_decode_chunk"], seed=8, h=12, w=10),
     }

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.spec import contract
+from runtime.spec import contract, registry
 from runtime.spec import request as request_spec
 from runtime.pipeline import LancePipeline
 from runtime.spec.request import (
@@ -295,7 +295,7 @@ def _huge_png() -> bytes:
 
 
 BAD_INPUTS = {
-    "unknown-task": (dict(task="v2t"), "task", "must be one of t2i, x2t, edit, t2v, i2v"),
+    "unknown-task": (dict(task="v2t"), "task", f"must be one of {', '.join(registry.TASKS)}"),
     "missing-prompt": (dict(prompt=None), "prompt", "missing"),
     "empty-prompt": (dict(prompt=""), "prompt", "must contain visible characters"),
     "blank-prompt": (dict(prompt="  \n "), "prompt", "must contain visible characters"),
@@ -323,7 +323,7 @@ BAD_INPUTS = {
     "image-over-20-MiB": (dict(task="x2t", image=b"\x89PNG" + bytes(MAX_IMAGE_BYTES)), "image",
                           f"at most {MAX_IMAGE_BYTES} bytes"),
     "empty-image": (dict(task="x2t", image=b""), "image", "is empty"),
-    "video-for-t2i": (dict(video=b"\x00\x00\x00\x18ftypmp42"), "video", "only x2t take a video"),
+    "video-for-t2i": (dict(video=b"\x00\x00\x00\x18ftypmp42"), "video", "only x2t and video-edit take a video"),
     # this repository serves the image model; upstream's x2t on a video runs on Lance_3B_Video
     "x2t-video-on-the-image-model": (dict(task="x2t", video=b"\x00\x00\x00\x18ftypmp42"), "video",
                                      "needs the video model"),
@@ -419,7 +419,7 @@ def test_http_generate_stream(server: TritonServer, local: LancePipeline) -> Non
 
 
 @pytest.mark.parametrize("changes, status, words", [
-    ({"task": "v2t"}, 400, "task: must be one of t2i, x2t, edit, t2v, i2v; got 'v2t'"),
+    ({"task": "v2t"}, 400, f"task: must be one of {', '.join(registry.TASKS)}; got 'v2t'"),
     # the image repository has no video decoder engines (and no video model) yet: a clear refusal, not a failure
     ({"task": "t2v", "frames": 9}, 400, "task: t2v needs the engines vae_decode_first, vae_decode_chunk"),
     ({"prompt": ""}, 400, "prompt: must contain visible characters"),

@@ -61,24 +61,29 @@ class _Recorder:
         return self.runner.infer(feed)
 
 
+def _generate_recording(pipeline, request: GenerationRequest):
+    """The result of ``request`` and its denoise queries' (latents, timestep), recorded around the real mot runner."""
+    recorder = _Recorder(pipeline.engines["mot"])
+    pipeline.engines["mot"] = recorder
+    try:
+        return pipeline.generate(request), recorder.queries
+    finally:
+        pipeline.engines["mot"] = recorder.runner
+
+
 def test_i2v_keeps_the_first_latent_frame_clean(video_pipeline) -> None:
     """Upstream's frame_condition_idx=[0]: latent frame 0 is the encoded image, enters every step at t = 0 and no step
     changes it; the other frames carry the step's flow time and move."""
     pixels = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
     request = GenerationRequest("i2v", PROMPT, image=_png(pixels), height=256, width=256, frames=9, steps=3, seed=5)
-    recorder = _Recorder(video_pipeline.engines["mot"])
-    video_pipeline.engines["mot"] = recorder
-    try:
-        result = video_pipeline.generate(request)
-    finally:
-        video_pipeline.engines["mot"] = recorder.runner
+    result, queries = _generate_recording(video_pipeline, request)
     assert result.video.shape == (9, 256, 256, 3)
     frame = 16 * 16                                    # one latent frame of a 256 x 256 video
-    vae_pixels, _, _ = video_pipeline.image_inputs(request, 1.0, {})
+    vae_pixels, _, _ = video_pipeline.media_inputs(request, 1.0, {})
     clean = video_pipeline.encode_reference(vae_pixels, request.seed)
-    assert len(recorder.queries) == 3
+    assert len(queries) == 3
     previous = None
-    for latents, timestep in recorder.queries:
+    for latents, timestep in queries:
         assert latents.shape[1] == 3 * frame
         torch.testing.assert_close(latents[:, :frame], clean.expand(latents.shape[0], -1, -1), rtol=0, atol=0)
         assert torch.all(timestep[:, :frame] == 0) and torch.all(timestep[:, frame:] > 0)
@@ -168,7 +173,7 @@ def test_x2t_on_a_video_is_deterministic(video_pipeline, clip: bytes) -> None:
     (dict(video=b"RIFF" + bytes(64)), "video", "not a decodable"),
     (dict(video=b""), "video", "is empty"),
     (dict(image=_png(np.zeros((32, 32, 3), np.uint8))), "video", "got both"),
-    (dict(task="t2i"), "video", "only x2t take a video"),
+    (dict(task="t2i"), "video", "only x2t and video-edit take a video"),
 ], ids=["mp4-header-only", "avi-header-only", "empty", "image-and-video", "video-for-t2i"])
 def test_bad_videos_are_refused(video_pipeline, clip: bytes, changes: dict, field: str, words: str) -> None:
     fields = {"task": "x2t", "prompt": "what?", "video": clip, "max_new_tokens": 2} | changes
@@ -205,3 +210,37 @@ def test_cli_answers_about_a_video(tiny_video_checkpoint: Path, clip: bytes, tmp
     assert main(["run", "x2t", "--checkpoint", str(tiny_video_checkpoint), "--video", str(tmp_path / "clip.mp4"),
                  "--prompt", "what?", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.endswith("\n")
+
+
+# --- video edit ------------------------------------------------------------------------------------------------------
+
+
+def test_video_edit_keeps_the_sampled_frames_and_is_deterministic(video_pipeline, clip: bytes) -> None:
+    """21 frames sampled from the 2 s clip come back edited: the reference video's 6 latent frames set the noise block
+    (plan_edit with lat_t), the output takes the clip's 3:2 bucket at the 256 x 256 area."""
+    request = GenerationRequest("video-edit", "make it night", video=clip, height=256, width=256, steps=2, seed=3)
+    first, queries = _generate_recording(video_pipeline, request)
+    again = video_pipeline.generate(request)
+    assert first.video.shape == (21, 224, 304, 3)
+    np.testing.assert_array_equal(first.video, again.video)
+    assert queries[0][0].shape[1] == 6 * 14 * 19         # t x h x w latent tokens of the noise block
+    assert {"vit", "vae_encode", "denoise", "vae_decode"} <= set(first.timings)
+
+
+def test_video_edit_takes_a_video_only(video_pipeline, clip: bytes) -> None:
+    with pytest.raises(RequestError, match="required for video-edit") as caught:
+        GenerationRequest("video-edit", "make it night").validate()
+    assert caught.value.field == "video"
+    with pytest.raises(RequestError, match="only x2t, edit and i2v take an image"):
+        GenerationRequest("video-edit", "x", video=clip, image=_png(np.zeros((8, 8, 3), np.uint8))).validate()
+
+
+def test_cli_edits_a_video(tiny_video_checkpoint: Path, clip: bytes, tmp_path: Path) -> None:
+    from runtime.cli import main
+
+    (tmp_path / "clip.mp4").write_bytes(clip)
+    out = tmp_path / "night.mp4"
+    assert main(["run", "video-edit", "--checkpoint", str(tiny_video_checkpoint), "--video",
+                 str(tmp_path / "clip.mp4"), "--prompt", "make it night", "--height", "256", "--width", "256",
+                 "--steps", "1", "-o", str(out)]) == 0
+    assert read_frames(out).shape == (21, 224, 304, 3)

@@ -129,9 +129,13 @@ class WanVAEConfig:
     def from_json(cls, path: str | Path) -> "WanVAEConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    def encoder_cache_slots(self) -> tuple["CacheSlot", ...]:
+        """The video encoder's chunk caches in call order (`WanVAE.encoder_cache_slots`), without any weights."""
+        return _cache_slots(self, "encoder")
+
     def decoder_cache_slots(self) -> tuple["CacheSlot", ...]:
         """The video decoder's chunk caches in call order (`WanVAE.decoder_cache_slots`), without any weights."""
-        return _decoder_cache_slots(self)
+        return _cache_slots(self, "decoder")
 
     @classmethod
     def tiny(cls) -> "WanVAEConfig":
@@ -719,10 +723,10 @@ class WanDecoder3d(nn.Module):
         return (*slots, *self.head.cache_slots(f"{prefix}.head", 1 << (len(self.upsamples) - 1)))
 
 
-@functools.lru_cache(maxsize=4)
-def _decoder_cache_slots(config: WanVAEConfig) -> tuple[CacheSlot, ...]:
+@functools.lru_cache(maxsize=8)
+def _cache_slots(config: WanVAEConfig, part: str) -> tuple[CacheSlot, ...]:
     with torch.device("meta"):
-        return WanDecoder3d(config).cache_slots("decoder")
+        return (WanEncoder3d if part == "encoder" else WanDecoder3d)(config).cache_slots(part)
 
 
 # --- The VAE ---------------------------------------------------------------------------------------------------------

@@ -41,7 +41,9 @@ from runtime.pipeline.preprocess import (
     to_uint8_image,
     to_uint8_video,
     vae_image_input,
+    vae_video_input,
     vit_image_input,
+    vit_video_input,
 )
 from runtime.pipeline.scheduler import apply_cfg, cfg_active, euler_step, make_schedule
 from runtime.pipeline.sequence import SequencePlan, Split, cfg_text_branch, cond_branch, latent_position_ids
@@ -188,24 +190,26 @@ class LancePipeline:
         except ValueError as err:
             raise RequestError("image", str(err)) from None
 
-    def image_inputs(self, request: GenerationRequest, vit_to_vae_side: float,
-                     timings: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
-        """The request's image as the VAE sees it (aspect bucket at the requested area, on this device) and as the ViT
-        sees it (patches and grid at ``vit_to_vae_side`` of that side): the inputs of edit and i2v.
+    def media_inputs(self, request: GenerationRequest, vit_to_vae_side: float,
+                     timings: dict[str, float]) -> tuple[torch.Tensor, Any, tuple[int, int, int]]:
+        """The request's image or video as the VAE sees it (aspect bucket at the requested area, on this device:
+        ``(1, 3, H, W)`` or ``(1, 3, T, H, W)``) and as the ViT sees it (patches, per frame pair for a video, and the
+        grid at ``vit_to_vae_side`` of that side): the inputs of edit, i2v and video edit.
 
         Raises:
-            RequestError: the image is not one, or its bucket at this area is wider than the latent table.
+            RequestError: the medium cannot be decoded, or its bucket at this area is wider than the latent table.
         """
-        image = self.load_image(request)
-        area_side = round(math.sqrt(request.height * request.width))
+        video = request.video is not None
+        media = self.load_video(request) if video else self.load_image(request)
+        area_side = area_side_of(request)
+        vit_side = round(area_side * vit_to_vae_side)
         with timed(timings, "preprocess"):
-            vae_pixels = vae_image_input(image, area_side).to(self.device, torch.float32)
-            patches, vit_grid = vit_image_input(image, round(area_side * vit_to_vae_side))
-        if max(vae_pixels.shape[-2:]) // constants.VAE_DOWNSAMPLE_SPATIAL > constants.MAX_LATENT_SIZE:
-            raise RequestError("height", f"the image's aspect bucket at {request.height}x{request.width} is "
-                               f"{vae_pixels.shape[-2]}x{vae_pixels.shape[-1]}, over {MAX_SIZE} px per side: ask "
-                               "for a smaller area")
-        return vae_pixels, patches, vit_grid
+            if video:
+                pixels, (patches, vit_grid) = vae_video_input(media, area_side), vit_video_input(media, vit_side)
+            else:
+                pixels, (patches, vit_grid) = vae_image_input(media, area_side), vit_image_input(media, vit_side)
+        check_bucket(request, pixels, "video" if video else "image")
+        return pixels.to(self.device, torch.float32), patches, vit_grid
 
     def load_video(self, request: GenerationRequest) -> list[Any]:
         """The frames upstream samples from the request's video (PIL); a file that is not a video is the client's
@@ -239,6 +243,23 @@ class LancePipeline:
         order."""
         pair_grid = (1, *grid[1:])
         return torch.cat([self.vit(patches, pair_grid) for patches in pairs], dim=1)
+
+    def encode_video(self, pixels: torch.Tensor, seed: int) -> torch.Tensor:
+        """A reference video ``(1, 3, 1 + 4k, H, W)`` as sampled latent tokens ``(1, (1 + k) * h * w, 48)`` in (t, h,
+        w) raster order: frame 0 alone, then 4 frames per engine call with the causal caches passed along (upstream
+        ``WanVAE_.encode``), each latent frame sampled with its slice of one seeded noise tensor."""
+        step = constants.VAE_DOWNSAMPLE_TEMPORAL
+        t = (pixels.shape[2] - 1) // step + 1
+        h, w = (s // constants.VAE_DOWNSAMPLE_SPATIAL for s in pixels.shape[-2:])
+        noise = randn((1, constants.LATENT_CHANNELS, t, h, w), seed + 1)
+        out = self.infer(self.engines.vae_encode_first, {"video": pixels[:, :, :1], "noise": noise[:, :, :1]})
+        latents = [out["latent"]]
+        for index in range(1, t):
+            frames = pixels[:, :, 1 + (index - 1) * step:1 + index * step]
+            out = self.infer(self.engines.vae_encode_chunk, {"video": frames, "noise": noise[:, :, index:index + 1],
+                                                             **carried(out)})
+            latents.append(out["latent"])
+        return to_tokens(torch.cat(latents, dim=2))
 
     def encode_reference(self, pixels: torch.Tensor, seed: int) -> torch.Tensor:
         """The edit reference as latent tokens ``(1, h*w, 48)``: Lance samples the posterior, with explicit noise."""
@@ -382,9 +403,7 @@ class LancePipeline:
             for index in range(t):
                 if index:
                     progress.check()
-                    feed = {"latent": frames[:, :, index:index + 1].contiguous(),
-                            **{name.replace("next.", "past.", 1): value for name, value in out.items()
-                               if name != "video"}}
+                    feed = {"latent": frames[:, :, index:index + 1].contiguous(), **carried(out)}
                     out = self.infer(self.engines.vae_decode_chunk, feed)
                 pixels.append(to_uint8_video(out["video"].float().cpu()))
         return np.concatenate(pixels)
@@ -436,6 +455,27 @@ def _precision(dtype: torch.dtype) -> str:
 
 def latent_size(height: int, width: int) -> tuple[int, int]:
     return height // constants.VAE_DOWNSAMPLE_SPATIAL, width // constants.VAE_DOWNSAMPLE_SPATIAL
+
+
+def area_side_of(request: GenerationRequest) -> int:
+    """The side of the square whose area the request asks for: edit, i2v and video edit bucket their input at it."""
+    return round(math.sqrt(request.height * request.width))
+
+
+def check_bucket(request: GenerationRequest, pixels: torch.Tensor, medium: str) -> None:
+    """Refuse an input whose aspect bucket at the requested area is wider than the latent position table.
+
+    Raises:
+        RequestError: on ``height``, saying what to ask instead.
+    """
+    if max(pixels.shape[-2:]) // constants.VAE_DOWNSAMPLE_SPATIAL > constants.MAX_LATENT_SIZE:
+        raise RequestError("height", f"the {medium}'s aspect bucket at {request.height}x{request.width} is "
+                           f"{pixels.shape[-2]}x{pixels.shape[-1]}, over {MAX_SIZE} px per side: ask for a smaller area")
+
+
+def carried(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A chunk engine's ``next.<conv>`` caches as the next call's ``past.<conv>`` inputs."""
+    return {name.replace("next.", "past.", 1): value for name, value in outputs.items() if name.startswith("next.")}
 
 
 def latent_frames(frames: int) -> int:

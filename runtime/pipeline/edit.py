@@ -12,7 +12,7 @@ from runtime.spec.request import GenerationRequest
 
 def run(pipeline: LancePipeline, request: GenerationRequest, progress: Progress,
         timings: dict[str, float]) -> dict[str, Any]:
-    vae_pixels, patches, vit_grid = pipeline.image_inputs(request, VIT_TO_VAE_SIDE, timings)
+    vae_pixels, patches, vit_grid = pipeline.media_inputs(request, VIT_TO_VAE_SIDE, timings)
     lat_h, lat_w = (s // constants.VAE_DOWNSAMPLE_SPATIAL for s in vae_pixels.shape[-2:])
     with timed(timings, "vit"):
         vit_rows = pipeline.vit(patches, vit_grid)

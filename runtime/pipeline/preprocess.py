@@ -336,6 +336,16 @@ def vit_video_input(
     return pairs, (len(pairs), video.shape[2] // _VISION.patch_size, video.shape[3] // _VISION.patch_size)
 
 
+def vae_video_input(frames: Sequence[Image.Image], area_side: int) -> torch.Tensor:
+    """VAE input of sampled video frames: each frame as `vae_image_input` prepares it (they share one bucket).
+
+    Returns:
+        ``(1, 3, T, H, W)`` float32 in [-1, 1].
+    """
+    return torch.stack([_bucket_tensor(frame, area_side, VAE_CROP_MULTIPLE, VAE_MEAN, VAE_STD) for frame in frames],
+                       dim=1)[None]
+
+
 def vae_image_input(image: Image.Image, area_side: int = constants.VAE_RESOLUTION_IMAGE) -> torch.Tensor:
     """VAE input of one image: bucket at ``area_side**2`` (stride 16), crop to multiples of 16, scaled to [-1, 1].
 

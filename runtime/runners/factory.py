@@ -17,6 +17,8 @@ from runtime.runners.graphs import (
     VaeDecodeChunkGraph,
     VaeDecodeFirstGraph,
     VaeDecodeGraph,
+    VaeEncodeChunkGraph,
+    VaeEncodeFirstGraph,
     VaeEncodeGraph,
     graph_modules,
 )
@@ -155,6 +157,8 @@ def cuda_engines(specs: Mapping[str, EngineSpec], mot: "CudaMoT", vit: "Qwen25Vi
                    vit=CudaVitRunner(specs["vit"], CudaVisionTower(vit, compile=on_cuda)),
                    vae_encode=TorchRunner(specs["vae_encode"], VaeEncodeGraph(vae)),
                    vae_decode=TorchRunner(specs["vae_decode"], torch.compile(decode) if on_cuda else decode),
+                   vae_encode_first=TorchRunner(specs["vae_encode_first"], VaeEncodeFirstGraph(vae)),
+                   vae_encode_chunk=TorchRunner(specs["vae_encode_chunk"], VaeEncodeChunkGraph(vae)),
                    vae_decode_first=TorchRunner(specs["vae_decode_first"], VaeDecodeFirstGraph(vae)),
                    vae_decode_chunk=TorchRunner(specs["vae_decode_chunk"], VaeDecodeChunkGraph(vae)))
 

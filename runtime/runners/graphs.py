@@ -60,6 +60,37 @@ class VaeDecodeGraph(nn.Module):
         return self.vae.decode_image(latent.to(_compute_dtype(self.vae))).float()
 
 
+class VaeEncodeFirstGraph(nn.Module):
+    """The ``vae_encode_first`` engine: ``encode_first_chunk``, the posterior then the caches."""
+
+    def __init__(self, vae: WanVAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, video: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """video: ``(1, 3, 1, 16h, 16w)`` fp32, noise ``(1, 48, 1, h, w)`` -> latent, mean, log_var
+        ``(1, 48, 1, h, w)`` fp32, then the caches in fp32."""
+        mean, log_var, caches = self.vae.encode_first_chunk(video.to(_compute_dtype(self.vae)))
+        mean, log_var = mean.float(), log_var.float()
+        return sample_posterior(mean, log_var, noise), mean, log_var, *(cache.float() for cache in caches)
+
+
+class VaeEncodeChunkGraph(nn.Module):
+    """The ``vae_encode_chunk`` engine: ``encode_chunk`` with the caches as positional inputs and outputs."""
+
+    def __init__(self, vae: WanVAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, video: torch.Tensor, noise: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """video: ``(1, 3, 4, 16h, 16w)`` fp32, noise ``(1, 48, 1, h, w)`` and the caches -> latent, mean, log_var
+        ``(1, 48, 1, h, w)`` and the caches."""
+        dtype = _compute_dtype(self.vae)
+        mean, log_var, caches = self.vae.encode_chunk(video.to(dtype), [cache.to(dtype) for cache in past])
+        mean, log_var = mean.float(), log_var.float()
+        return sample_posterior(mean, log_var, noise), mean, log_var, *(cache.float() for cache in caches)
+
+
 class VaeDecodeFirstGraph(nn.Module):
     """The ``vae_decode_first`` engine: ``decode_first_chunk``, the caches returned after the frame."""
 
@@ -91,5 +122,6 @@ class VaeDecodeChunkGraph(nn.Module):
 def graph_modules(models: "LanceModels") -> dict[str, nn.Module]:
     """The engine modules over loaded models, by engine name (`runtime.spec.registry.ENGINES` order)."""
     return {"vit": models.vit, "mot": models.mot, "vae_encode": VaeEncodeGraph(models.vae),
-            "vae_decode": VaeDecodeGraph(models.vae), "vae_decode_first": VaeDecodeFirstGraph(models.vae),
+            "vae_decode": VaeDecodeGraph(models.vae), "vae_encode_first": VaeEncodeFirstGraph(models.vae),
+            "vae_encode_chunk": VaeEncodeChunkGraph(models.vae), "vae_decode_first": VaeDecodeFirstGraph(models.vae),
             "vae_decode_chunk": VaeDecodeChunkGraph(models.vae)}

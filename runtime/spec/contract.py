@@ -21,7 +21,7 @@ import enum
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -554,43 +554,60 @@ def _side(name: str, scale: int) -> Dim:
     return name if scale == 1 else scaled(name, scale)
 
 
-def vae_video_decode_specs(*, latent_channels: int, image_channels: int, spatial_factor: int, temporal_factor: int,
-                           caches: Sequence[Any]) -> tuple[EngineSpec, EngineSpec]:
-    """The video decoder's two chunk steps (runtime.models.vae ``decode_first_chunk`` / ``decode_chunk``): latent frame
-    0 gives frame 0 and starts the causal caches; each later latent frame gives ``temporal_factor`` frames from the
-    caches and returns them updated. The caches are engine inputs and outputs (``past.<conv>`` / ``next.<conv>``, one
-    per causal convolution), so one latent frame's activations are all a call holds: 121 frames decode in the memory of
-    one. I/O is fp32 in every precision, as the image decoder's.
+def _cache_spec(prefix: str, slot: Any, what: str) -> TensorSpec:
+    """One causal cache of a chunk engine: ``(1, channels, frames, scale * h, scale * w)``."""
+    shape = (1, slot.channels, slot.frames, _side("h", slot.scale), _side("w", slot.scale))
+    return TensorSpec(f"{prefix}.{slot.name}", DType.FP32, shape, f"{what} of {slot.name}")
+
+
+def _chunk_steps(name: str, inputs: tuple[Callable[[int], TensorSpec], ...], outputs: tuple[Callable[[int], TensorSpec], ...],
+                 temporal_factor: int, caches: Sequence[Any], sizes: Mapping[str, int]) -> tuple[EngineSpec, EngineSpec]:
+    """``<name>_first`` (one frame, starts the caches) and ``<name>_chunk`` (``temporal_factor`` frames of pixels, or
+    one latent frame, and the caches): each tensor factory takes the chunk's pixel-frame count."""
+    nexts = tuple(_cache_spec("next", slot, "causal cache after this chunk") for slot in caches)
+    first = EngineSpec(name=f"{name}_first", inputs=tuple(make(1) for make in inputs),
+                       outputs=(*(make(1) for make in outputs), *nexts), profiles=_latent_profiles(), sizes=sizes)
+    chunk = EngineSpec(name=f"{name}_chunk",
+                       inputs=(*(make(temporal_factor) for make in inputs),
+                               *(_cache_spec("past", slot, "causal cache before this chunk") for slot in caches)),
+                       outputs=(*(make(temporal_factor) for make in outputs), *nexts),
+                       profiles=_latent_profiles(), sizes=sizes)
+    return first, chunk
+
+
+def vae_video_specs(*, latent_channels: int, image_channels: int, spatial_factor: int, temporal_factor: int,
+                    encoder_caches: Sequence[Any], decoder_caches: Sequence[Any]) -> tuple[EngineSpec, ...]:
+    """The video VAE's chunk steps (runtime.models.vae ``encode_first_chunk`` / ``encode_chunk``,
+    ``decode_first_chunk`` / ``decode_chunk``): frame 0 (latent frame 0) alone starts the causal caches; each later
+    step takes ``temporal_factor`` frames (one latent frame) and the caches and returns them updated. The caches are
+    engine inputs and outputs (``past.<conv>`` / ``next.<conv>``, one per causal convolution), so one chunk's
+    activations are all a call holds: 121 frames take the memory of one chunk. The encoder samples its latent frame
+    with the noise input, as ``vae_encode`` does for one image; I/O is fp32 in every precision, as the image engines'.
 
     Args:
-        caches: the decoder's cache slots in call order (``WanVAEConfig.decoder_cache_slots``): ``name``, ``channels``,
-            ``frames`` and ``scale`` (cache side over latent side) each.
+        encoder_caches, decoder_caches: cache slots in call order (``WanVAEConfig.encoder_cache_slots`` /
+            ``decoder_cache_slots``): ``name``, ``channels``, ``frames`` and ``scale`` (cache side over latent
+            side) each.
+    Returns:
+        ``vae_encode_first``, ``vae_encode_chunk``, ``vae_decode_first``, ``vae_decode_chunk``.
     """
-    latent = (1, "Z", 1, "h", "w")
+    def pixels(name: str, what: str) -> Callable[[int], TensorSpec]:
+        return lambda count: TensorSpec(name, DType.FP32, (1, "C", count, scaled("h", spatial_factor),
+                                                            scaled("w", spatial_factor)), what)
 
-    def frames(count: int) -> tuple[Dim, ...]:
-        return (1, "C", count, scaled("h", spatial_factor), scaled("w", spatial_factor))
-
-    def cache(prefix: str, slot: Any, what: str) -> TensorSpec:
-        shape = (1, slot.channels, slot.frames, _side("h", slot.scale), _side("w", slot.scale))
-        return TensorSpec(f"{prefix}.{slot.name}", DType.FP32, shape, f"{what} of {slot.name}")
+    def latent(name: str, what: str) -> Callable[[int], TensorSpec]:
+        return lambda count: TensorSpec(name, DType.FP32, (1, "Z", 1, "h", "w"), what)
 
     sizes = {"C": image_channels, "Z": latent_channels}
-    nexts = tuple(cache("next", slot, "causal cache after this chunk") for slot in caches)
-    first = EngineSpec(
-        name="vae_decode_first",
-        inputs=(TensorSpec("latent", DType.FP32, latent, "normalised latent frame 0"),),
-        outputs=(TensorSpec("video", DType.FP32, frames(1), "frame 0, RGB in [-1, 1]"), *nexts),
-        profiles=_latent_profiles(), sizes=sizes,
-    )
-    chunk = EngineSpec(
-        name="vae_decode_chunk",
-        inputs=(TensorSpec("latent", DType.FP32, latent, "the next normalised latent frame"),
-                *(cache("past", slot, "causal cache before this chunk") for slot in caches)),
-        outputs=(TensorSpec("video", DType.FP32, frames(temporal_factor), "the chunk's frames, RGB in [-1, 1]"), *nexts),
-        profiles=_latent_profiles(), sizes=sizes,
-    )
-    return first, chunk
+    encode = _chunk_steps("vae_encode", (pixels("video", "the chunk's frames, RGB in [-1, 1]"),
+                                         latent("noise", "standard normal reparameterisation noise")),
+                          (latent("latent", "mean + exp(log_var / 2) * noise (normalised latent frame)"),
+                           latent("mean", "normalised posterior mean"), latent("log_var", "raw posterior log-variance")),
+                          temporal_factor, encoder_caches, sizes)
+    decode = _chunk_steps("vae_decode", (latent("latent", "the chunk's normalised latent frame"),),
+                          (pixels("video", "the chunk's frames, RGB in [-1, 1]"),), temporal_factor, decoder_caches,
+                          sizes)
+    return (*encode, *decode)
 
 
 def engine_specs(llm_config: Any, vision_config: Any, vae_config: Any) -> dict[str, EngineSpec]:
@@ -599,7 +616,8 @@ def engine_specs(llm_config: Any, vision_config: Any, vae_config: Any) -> dict[s
     Args:
         llm_config: ``runtime.models.mot.LanceLLMConfig``.
         vision_config: ``runtime.models.vit.VisionConfig``.
-        vae_config: ``runtime.models.vae.WanVAEConfig`` (its ``decoder_cache_slots()`` shape the video decoder's caches).
+        vae_config: ``runtime.models.vae.WanVAEConfig`` (its ``encoder_cache_slots()`` and ``decoder_cache_slots()``
+            shape the video VAE's caches).
     Returns:
         ``{name: spec}`` in `ENGINES` order.
     Raises:
@@ -621,8 +639,9 @@ def engine_specs(llm_config: Any, vision_config: Any, vae_config: Any) -> dict[s
                  latent_channels=vae_config.z_dim),
         vae_encode_spec(**vae),
         vae_decode_spec(**vae),
-        *vae_video_decode_specs(**vae, temporal_factor=vae_config.temporal_factor,
-                                caches=vae_config.decoder_cache_slots()),
+        *vae_video_specs(**vae, temporal_factor=vae_config.temporal_factor,
+                         encoder_caches=vae_config.encoder_cache_slots(),
+                         decoder_caches=vae_config.decoder_cache_slots()),
     )
     by_name = {spec.name: spec for spec in specs}
     assert tuple(by_name) == ENGINES, f"contract {tuple(by_name)} != registry {ENGINES}"

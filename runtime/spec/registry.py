@@ -74,7 +74,11 @@ ENGINES: dict[str, Engine] = {engine.name: engine for engine in (
     Engine("mot", "one step of the MoT LLM over a block of rows against the KV cache", None),
     Engine("vae_encode", "Wan2.2 VAE encoder: image -> sampled latent", "lance_vae_encode"),
     Engine("vae_decode", "Wan2.2 VAE decoder: latent -> image", "lance_vae_decode"),
-    # The video decoder's chunk steps run beside mot: their causal caches pass from call to call.
+    # The video VAE's chunk steps run beside mot: their causal caches pass from call to call.
+    Engine("vae_encode_first", "Wan2.2 VAE encoder, frame 0 of a video: -> latent frame 0's posterior and the caches",
+           None),
+    Engine("vae_encode_chunk", "Wan2.2 VAE encoder, 4 later frames and the caches -> one latent frame and the caches",
+           None),
     Engine("vae_decode_first", "Wan2.2 VAE decoder, latent frame 0 of a video: -> frame 0 and the causal caches",
            None),
     Engine("vae_decode_chunk", "Wan2.2 VAE decoder, one later latent frame and the caches -> 4 frames and the caches",
@@ -85,6 +89,7 @@ _IMAGE_OPTIONS = ("height", "width", "steps", "cfg_scale", "seed")
 _VIDEO_OPTIONS = (*_IMAGE_OPTIONS, "frames")
 _VIDEO_SIZE = (("height", 480), ("width", 848))     # upstream's README t2v: 480 x 848
 _VIDEO_DECODER = ("vae_decode_first", "vae_decode_chunk")
+_VIDEO_ENCODER = ("vae_encode_first", "vae_encode_chunk")
 
 TASKS: dict[str, Task] = {task.name: task for task in (
     Task("t2i", "text to image", "prompt", media=(), options=_IMAGE_OPTIONS, output="image",
@@ -104,6 +109,10 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     Task("i2v", "image to video: the image is the first frame", "prompt", media=("image",), options=_VIDEO_OPTIONS,
          output="video", engines=("vit", "mot", "vae_encode", *_VIDEO_DECODER),
          planner="runtime.pipeline.sequence:plan_i2v", run="runtime.pipeline.i2v:run",
+         video_model=True, defaults=_VIDEO_SIZE),
+    Task("video-edit", "video edit", "instruction", media=("video",), options=_IMAGE_OPTIONS, output="video",
+         engines=("vit", "mot", *_VIDEO_ENCODER, *_VIDEO_DECODER),
+         planner="runtime.pipeline.sequence:plan_edit", run="runtime.pipeline.video_edit:run",
          video_model=True, defaults=_VIDEO_SIZE),
 )}
 
