@@ -45,6 +45,7 @@ from onnx_ir.passes import common as ir_passes
 from onnxscript.rewriter.rules.common import slice_split_rule
 from torch import nn
 
+from runtime.spec import constants
 from runtime.spec.contract import (
     ENGINES,
     META_CONTRACT,
@@ -415,15 +416,17 @@ def _copy_export(report: ExportReport, folder: Path, precision: str) -> ExportRe
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, precisions: Sequence[str] = ("fp32",),
-                      engines: Iterable[str] = ENGINES) -> list[ExportReport]:
-    """Load a checkpoint in fp32 (``runtime.models.checkpoint.load_lance``) and export its engines."""
+                      engines: Iterable[str] = ENGINES, video: bool = False) -> list[ExportReport]:
+    """Load a checkpoint in fp32 (``runtime.models.checkpoint.load_lance``; ``video``: the ``Lance_3B_Video`` model,
+    whose MoT and ViT weights differ) and export its engines."""
     from runtime.models.checkpoint import load_lance
     from runtime.spec.contract import engine_specs
     from runtime.runners.graphs import graph_modules
 
-    models = load_lance(checkpoint, device="cpu", dtype=torch.float32)
+    models = load_lance(checkpoint, device="cpu", dtype=torch.float32, video=video)
     specs = engine_specs(models.llm_config, models.vision_config, models.vae_config)
-    return export_models(graph_modules(models), specs, out_dir, precisions, engines, source=str(checkpoint))
+    source = f"{checkpoint} ({constants.VIDEO_CKPT_DIR if video else constants.IMAGE_CKPT_DIR})"
+    return export_models(graph_modules(models), specs, out_dir, precisions, engines, source=source)
 
 
 @dataclass(frozen=True)
@@ -481,7 +484,7 @@ _CACHE_KEEP = 4
 
 
 def export_cached(checkpoint: str | Path, cache_root: str | Path, precisions: Sequence[str] = PRECISIONS,
-                  groups: Sequence[Sequence[str]] = (ENGINES,)) -> Path:
+                  groups: Sequence[Sequence[str]] = (ENGINES,), video: bool = False) -> Path:
     """The engine folder of a checkpoint's export under ``cache_root/<digest>``, exporting only when no complete
     export with the same inputs (checkpoint files, exporting code, library versions) is there.
 
@@ -496,7 +499,7 @@ def export_cached(checkpoint: str | Path, cache_root: str | Path, precisions: Se
     checkpoint = Path(checkpoint)
     root = Path(cache_root)
     root.mkdir(parents=True, exist_ok=True)
-    digest = _source_digest(checkpoint)
+    digest = _source_digest(checkpoint) + ("-video" if video else "")
     folder = root / digest
     with open(root / f"{digest}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -505,7 +508,7 @@ def export_cached(checkpoint: str | Path, cache_root: str | Path, precisions: Se
             return folder
         partial = root / f"{digest}.partial-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
-        _export_in_processes(checkpoint, partial, precisions, groups)
+        _export_in_processes(checkpoint, partial, precisions, groups, video)
         (partial / _COMPLETE).write_text(str(checkpoint) + "\n")
         shutil.rmtree(folder, ignore_errors=True)      # an incomplete leftover of an interrupted run
         partial.rename(folder)
@@ -523,13 +526,14 @@ def _prune(root: Path) -> None:
 
 
 def _export_in_processes(checkpoint: Path, out_dir: Path, precisions: Sequence[str],
-                         groups: Sequence[Sequence[str]]) -> None:
+                         groups: Sequence[Sequence[str]], video: bool) -> None:
     """Run one ``lance-trt export`` process per group of engines, concurrently, into ``out_dir``."""
     code = "import sys; from export.onnx_export import export_main; sys.exit(export_main(sys.argv[1:]))"
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH"))))}
     jobs = [subprocess.Popen([sys.executable, "-c", code, "--checkpoint", str(checkpoint), "--out", str(out_dir),
-                              "--precision", *precisions, "--engines", ",".join(group)],
+                              "--precision", *precisions, "--engines", ",".join(group),
+                              *(["--video"] if video else [])],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             for group in groups]
     failures = []
@@ -549,6 +553,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="graph precisions to export (default: %(default)s)")
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help=f"comma-separated subset of {', '.join(ENGINES)}")
+    parser.add_argument("--video", action="store_true",
+                        help=f"export the video model ({constants.VIDEO_CKPT_DIR}/): every task, the video ones too")
     return parser
 
 
@@ -565,7 +571,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         return 2
     precisions = tuple(p for p in PRECISIONS if p in args.precision)
     try:
-        reports = export_checkpoint(args.checkpoint, args.out, precisions, engines)
+        reports = export_checkpoint(args.checkpoint, args.out, precisions, engines, video=args.video)
     except ExportError as err:
         print(f"lance-trt export: {err}", file=sys.stderr)
         return 1

@@ -66,3 +66,12 @@ def video_pipeline(tiny_video_checkpoint: Path):
     from runtime.pipeline import LancePipeline
 
     return LancePipeline.from_checkpoint(tiny_video_checkpoint, video=True)
+
+
+@pytest.fixture(scope="session")
+def video_engine_dir(tiny_video_checkpoint: Path, request: pytest.FixtureRequest,
+                     tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 graphs of every engine of the tiny video model (``lance-trt export --video``), cached as `engine_dir`."""
+    cache = getattr(request.config, "cache", None)
+    root = Path(cache.mkdir("lance-trt-onnx")) if cache is not None else tmp_path_factory.getbasetemp() / "onnx"
+    return export_cached(tiny_video_checkpoint, root, ("fp32",), EXPORT_GROUPS, video=True)

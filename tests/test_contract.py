@@ -224,7 +224,7 @@ def test_export_dims_are_distinct_and_in_range() -> None:
 
 def test_profile_shapes() -> None:
     shapes = REAL["mot"].profile_shapes("gen")
-    assert shapes["cos"] == ((1, 232, 128), (2, 2306, 128), (2, 4118, 128))
+    assert shapes["cos"] == ((1, 232, 128), (2, 2306, 128), (2, contract.MAX_VIDEO_LATENT_TOKENS + 2, 128))
     assert shapes["past_key"][2] == (36, 2, contract.MAX_PAST, 2, 128)
     assert REAL["vae_encode"].profile_shapes("portrait")["image"][2] == (1, 3, 98 * 16, 64 * 16)
 

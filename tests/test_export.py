@@ -227,7 +227,9 @@ class MotCase:
 
 MOT_CASES = {
     "prefill, empty past": MotCase(1, 9, 0, 0, 0, (0,), True),
-    "prefill, largest block, CFG batch": MotCase(2, contract.MAX_PREFILL_ROWS, 0, 0, 6, (6, 2), False),
+    # the largest image ViT block; a video's (17k rows) would take tens of GB of eager attention on a CPU
+    "prefill, largest image block, CFG batch": MotCase(2, contract.MAX_VIT_PATCHES // contract.VIT_MERGE_UNIT + 2, 0,
+                                                       0, 6, (6, 2), False),
     "decode, one row, longest past": MotCase(1, 1, 0, 0, contract.MAX_PAST, (contract.MAX_PAST - 3,), True),
     "denoise, smallest grid, CFG batch": MotCase(2, 1, contract.MIN_LATENT_TOKENS, 1, 37, (37, 20), False, 0.9),
     "reference prefill, largest grid": MotCase(1, 1, contract.MAX_LATENT_TOKENS, 1, 1, (1,), False, 0.0),

@@ -140,12 +140,15 @@ def test_repository_layout_and_configs(tmp_path: Path, tiny_checkpoint: Path, sp
         assert list(outputs) == [s.name for s in request_spec.LANCE_OUTPUTS]
         assert outputs["image"][:2] == ("TYPE_UINT8", [-1, -1, 3])
         assert params(config)["checkpoint"] == str(tiny_checkpoint.resolve())  # outside the repository: absolute
+    in_process = [name for name, engine in registry.ENGINES.items() if engine.triton_model is None]
     assert params(gpu) | {"checkpoint": ""} == {
-        "checkpoint": "", "child_timeout_s": "600", "vit_model": "lance_vit", "vae_encode_model": "lance_vae_encode",
-        "vae_decode_model": "lance_vae_decode", "mot_runner": "tensorrt", "precision": "bf16", "mot_engine": "mot.plan",
-        "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
-    assert (params(cpu)["mot_runner"], params(cpu)["mot_engine"], params(cpu)["precision"]) == (
-        "onnxruntime", "mot.onnx", "fp32")
+        "checkpoint": "", "video": "false", "child_timeout_s": "600", "vit_model": "lance_vit",
+        "vae_encode_model": "lance_vae_encode", "vae_decode_model": "lance_vae_decode", "mot_runner": "tensorrt",
+        "precision": "bf16", "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
+        **{f"{name}_engine": f"{name}.plan" for name in in_process}}
+    assert (params(cpu)["mot_runner"], params(cpu)["precision"]) == ("onnxruntime", "fp32")
+    assert {name: params(cpu)[f"{name}_engine"] for name in in_process} == {name: f"{name}.onnx" for name in in_process}
+    assert all((out / "lance/1" / f"{name}.onnx").is_file() for name in in_process)
     assert [g.kind for g in gpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
     assert [g.kind for g in cpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
 
@@ -272,16 +275,18 @@ def test_written_parameters_parse_back(tmp_path: Path, tiny_checkpoint: Path, sp
     check_lance_config("lance", cpu)
     settings = LanceSettings.parse("lance", config_parameters(cpu), folder)
     assert settings.checkpoint.resolve() == tiny_checkpoint.resolve()
-    assert (settings.mot_runner, settings.mot_engine, settings.precision) == ("onnxruntime", folder / "mot.onnx",
-                                                                             "fp32")
+    assert (settings.mot_runner, settings.engines["mot"], settings.precision) == ("onnxruntime", folder / "mot.onnx",
+                                                                                 "fp32")
+    assert settings.engines["vae_decode_chunk"] == folder / "vae_decode_chunk.onnx" and not settings.video
     assert (settings.children, settings.child_timeout_s, settings.threads, settings.warmup) == (
         CHILD_MODELS, 30.0, 2, True)
     gpu = as_model_config(out / "lance/config.pbtxt")
     check_lance_config("lance", gpu)
     for capability, plan in (("8.9", "mot_cc8.9.plan"), ("9.0", "mot_cc9.0.plan")):
         settings = LanceSettings.parse("lance", config_parameters(gpu), folder, capability)
-        assert (settings.mot_runner, settings.mot_engine, settings.precision) == ("tensorrt", folder / plan, "bf16")
-        assert settings.mot_engine.read_bytes() == f"plan mot {capability}".encode()
+        assert (settings.mot_runner, settings.engines["mot"], settings.precision) == ("tensorrt", folder / plan, "bf16")
+        assert settings.engines["mot"].read_bytes() == f"plan mot {capability}".encode()
+        assert settings.engines["vae_encode_first"] == folder / f"vae_encode_first_cc{capability}.plan"
     for engine, model in CHILD_MODELS.items():
         config = as_model_config(out / model / "configs/cpu.pbtxt")
         settings = EngineSettings.parse(model, config_parameters(config), out / model / "1")
@@ -311,7 +316,7 @@ def test_parameter_details() -> None:
                                              "c": {"string_value": ""}}}) == {"a": "x"}
     assert LanceSettings.parse("lance", {"checkpoint": "/ckpt", "mot_runner": "torch", "warmup": "False"},
                                Path("/repo/lance/1")) == LanceSettings(
-        checkpoint=Path("/ckpt"), mot_runner="torch", mot_engine=None, precision="fp32", children=CHILD_MODELS,
+        checkpoint=Path("/ckpt"), video=False, mot_runner="torch", engines={}, precision="fp32", children=CHILD_MODELS,
         child_timeout_s=600.0, threads=None, warmup=False)
     with pytest.raises(ConfigError, match="'engine_spec' is not an engine contract"):
         EngineSettings.parse("lance_vit", {"engine_spec": "{}", "onnx": "vit.onnx"}, Path("/repo/lance_vit/1"))

@@ -420,8 +420,8 @@ def test_http_generate_stream(server: TritonServer, local: LancePipeline) -> Non
 
 @pytest.mark.parametrize("changes, status, words", [
     ({"task": "v2t"}, 400, f"task: must be one of {', '.join(registry.TASKS)}; got 'v2t'"),
-    # the image repository has no video decoder engines (and no video model) yet: a clear refusal, not a failure
-    ({"task": "t2v", "frames": 9}, 400, "task: t2v needs the engines vae_decode_first, vae_decode_chunk"),
+    # this repository holds the image model: a video task is a clear refusal, not a failure
+    ({"task": "t2v", "frames": 9}, 400, "task: t2v needs the video model (Lance_3B_Video)"),
     ({"prompt": ""}, 400, "prompt: must contain visible characters"),
     ({"height": 250}, 400, "height: must be a multiple of 16 in [256, 1024], got 250"),
     ({"seed": -1}, 400, "seed: must be in [0, 4294967295], got -1"),

@@ -38,6 +38,22 @@ def test_video_requests_take_their_defaults_and_refuse_bad_frames() -> None:
     assert _t2v(frames=121).validate().frames == 121
 
 
+def test_video_bounds_size_the_engine_profiles() -> None:
+    """The profiles' video maxima are exactly what the largest valid requests make: 121 frames of the largest bucket
+    at the 640 x 640 area (t2v, i2v, video edit), and 73 sampled frames (37 pairs) of the largest ViT bucket at 616."""
+    from runtime.pipeline.preprocess import bucket_table
+    from runtime.spec import contract, limits
+
+    assert max(h * w for h, w in bucket_table(640)) // 16**2 * 31 == contract.MAX_VIDEO_LATENT_TOKENS
+    assert max((h // 28) * (w // 28) for h, w in bucket_table(616)) * 37 == contract.MAX_VIDEO_VIT_ROWS
+    assert limits.MAX_INPUT_FRAMES == 73 and (limits.MAX_INPUT_FRAMES + 1) // 2 == 37
+    for name in ("t2v", "i2v", "video-edit"):
+        with pytest.raises(RequestError, match="at most 409600 pixels per frame") as caught:
+            GenerationRequest(name, PROMPT, height=768, width=768, image=b"x" if name == "i2v" else None,
+                              video=b"x" if name == "video-edit" else None).validate()
+        assert caught.value.field == "height"
+
+
 def test_t2v_is_deterministic_per_seed(video_pipeline) -> None:
     first = video_pipeline.generate(_t2v(seed=3))
     again = video_pipeline.generate(_t2v(seed=3))

@@ -26,8 +26,12 @@ picks its mot plan the same way). Files are hard-linked where the file system al
 Config parameters, written here and parsed back here for the models (`LanceSettings`, `EngineSettings`; a relative
 path is relative to the model's version folder, a value still reading ``${...}`` counts as unset):
 
-* ``lance``: ``checkpoint``; ``mot_runner`` (``tensorrt``, ``onnxruntime``, ``torch``); ``mot_engine`` (plan or ONNX
-  file; ``mot_engine_cc<X.Y>`` overrides it on a GPU of compute capability X.Y); ``precision`` (``fp32``/``bf16``);
+* ``lance``: ``checkpoint``; ``video`` (``true``: the checkpoint's ``Lance_3B_Video`` model, which serves every task;
+  ``false``: ``Lance_3B``, the image tasks); ``mot_runner`` (``tensorrt``, ``onnxruntime``, ``torch``; every in-process
+  engine runs on it); ``<engine>_engine`` per in-process engine (`IN_PROCESS`: ``mot_engine``,
+  ``vae_decode_chunk_engine``, ...; a plan or ONNX file; ``<engine>_engine_cc<X.Y>`` overrides it on a GPU of compute
+  capability X.Y; only ``mot_engine`` is required, a repository without the video VAE's serves no video task);
+  ``precision`` (``fp32``/``bf16``);
   ``vit_model``, ``vae_encode_model``, ``vae_decode_model`` (the children); ``child_timeout_s`` (BLS timeout, 0:
   none); ``threads`` (ONNX Runtime intra-op threads, 0: its default); ``warmup`` (``true``/``false``, default true);
   ``FORCE_CPU_ONLY_INPUT_TENSORS: no`` in the GPU set (the Python backend's own switch).
@@ -56,6 +60,9 @@ logger = logging.getLogger(__name__)
 
 CHILD_MODELS = {name: engine.triton_model for name, engine in registry.ENGINES.items() if engine.triton_model}
 """The engines served as their own Triton models (the BLS model calls them), by engine name."""
+IN_PROCESS = tuple(name for name, engine in registry.ENGINES.items() if engine.triton_model is None)
+"""The engines model ``lance`` runs itself: ``mot`` (its KV cache stays resident) and the video VAE's chunk steps
+(their causal caches pass from call to call). Their files sit in ``lance/1/``."""
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 """Each model's ``1/model.py`` (package data, so an installed wheel writes repositories too)."""
 MODEL_TEMPLATES = {LANCE_MODEL: "lance_model.py", **{model: "engine_model.py" for model in CHILD_MODELS.values()}}
@@ -267,14 +274,15 @@ class RepoReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def checkpoint_specs(checkpoint: Path) -> dict[str, EngineSpec]:
-    """The engine contracts of a checkpoint's configs. The weights are read and dropped one tensor at a time (meta
-    device): this verifies every file and key without holding the model in memory."""
+def checkpoint_specs(checkpoint: Path, video: bool = False) -> dict[str, EngineSpec]:
+    """The engine contracts of a checkpoint's configs (of its video model with ``video``). The weights are read and
+    dropped one tensor at a time (meta device): this verifies every file and key without holding the model in
+    memory."""
     from runtime.models.checkpoint import CheckpointError, load_lance
     from runtime.spec.contract import engine_specs
 
     try:
-        models = load_lance(checkpoint, device="meta")
+        models = load_lance(checkpoint, device="meta", video=video)
     except (CheckpointError, FileNotFoundError) as err:
         raise RepoError(f"--checkpoint: {err}") from None
     return engine_specs(models.llm_config, models.vision_config, models.vae_config)
@@ -342,6 +350,7 @@ def write_repository(
     checkpoint: Path,
     out: Path,
     *,
+    video: bool = False,
     precision: str = "bf16",
     gpus: Sequence[int] = (0,),
     mot_runner: str = "tensorrt",
@@ -357,6 +366,8 @@ def write_repository(
             (``<precision>/<engine>.plan`` + ``.json``: GPU serving); one per GPU architecture.
         checkpoint: the checkpoint the engines were exported from (host side of the pipeline).
         out: the repository (created if needed; may be the source ``triton_repo/`` itself).
+        video: the engines are the video model's (``lance-trt export --video``); model ``lance`` then loads
+            ``Lance_3B_Video`` and serves the video tasks as well.
         precision: the plans' precision (``bf16`` or ``fp32``).
         gpus: device ids served on GPU (one instance of each model per GPU).
         mot_runner: ``tensorrt`` (the mot plan) or ``torch`` (the PyTorch module from the checkpoint) in the GPU set.
@@ -378,7 +389,7 @@ def write_repository(
     for folder in engine_dirs:
         if not folder.is_dir():
             raise RepoError(f"{folder} is not a folder (an ENGINE_DIR written by lance-trt export / build)")
-    specs = checkpoint_specs(checkpoint)
+    specs = checkpoint_specs(checkpoint, video)
     plans = _find_plans(engine_dirs, precision, specs, target or ServingTarget.detect(gpus))
     graphs = _find_onnx(engine_dirs)
     if graphs is None and not plans["mot"]:
@@ -403,17 +414,18 @@ def write_repository(
             engine_onnx_config(model, specs[engine], onnx_file, threads))
 
     version = _prepare_model(out, LANCE_MODEL)
-    common = {"checkpoint": _relative_to_version(checkpoint, version), "child_timeout_s": f"{child_timeout_s:g}",
+    common = {"checkpoint": _relative_to_version(checkpoint, version), "video": str(video).lower(),
+              "child_timeout_s": f"{child_timeout_s:g}",
               **{f"{engine}_model": model for engine, model in CHILD_MODELS.items()}}
     gpu_params = {**common, "mot_runner": mot_runner, "precision": precision, "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
-    if mot_runner == "tensorrt":
-        report.plans["mot"] = _install_plans(plans["mot"], "mot", version)
-        gpu_params["mot_engine"] = next(iter(report.plans["mot"].values()), "mot.plan")
-        if len(report.plans["mot"]) > 1:
-            gpu_params |= {f"mot_engine_cc{cc}": name for cc, name in report.plans["mot"].items()}
-    mot_onnx = _install_onnx(graphs["mot"], version) if graphs else "mot.onnx"
-    cpu_params = {**common, "mot_runner": "onnxruntime", "mot_engine": mot_onnx, "precision": "fp32",
-                  "threads": str(threads)}
+    cpu_params = {**common, "mot_runner": "onnxruntime", "precision": "fp32", "threads": str(threads)}
+    for engine in IN_PROCESS:
+        if mot_runner == "tensorrt":
+            report.plans[engine] = _install_plans(plans[engine], engine, version)
+            gpu_params[f"{engine}_engine"] = next(iter(report.plans[engine].values()), f"{engine}.plan")
+            if len(report.plans[engine]) > 1:
+                gpu_params |= {f"{engine}_engine_cc{cc}": name for cc, name in report.plans[engine].items()}
+        cpu_params[f"{engine}_engine"] = _install_onnx(graphs[engine], version) if graphs else f"{engine}.onnx"
     (out / LANCE_MODEL / "config.pbtxt").write_text(
         lance_config(gpu_params, gpus=gpus, max_queue_size=max_queue_size))
     (out / LANCE_MODEL / "configs" / f"{CPU_CONFIG_NAME}.pbtxt").write_text(
@@ -511,8 +523,10 @@ class LanceSettings:
     """The parameters of model ``lance`` as `lance_config` writes them (runtime.serving.triton_adapter reads them)."""
 
     checkpoint: Path
+    video: bool
     mot_runner: str
-    mot_engine: Path | None
+    engines: Mapping[str, Path]
+    """The files of the in-process engines (`IN_PROCESS`) that the repository holds; none with ``mot_runner`` torch."""
     precision: str
     children: Mapping[str, str]
     child_timeout_s: float
@@ -522,7 +536,7 @@ class LanceSettings:
     @classmethod
     def parse(cls, model: str, params: Mapping[str, str], folder: Path,
               compute_capability: str | None = None) -> "LanceSettings":
-        """Read ``lance``'s parameters; ``compute_capability`` ("9.0") of the instance's GPU picks its mot plan.
+        """Read ``lance``'s parameters; ``compute_capability`` ("9.0") of the instance's GPU picks its plans.
 
         Raises:
             ConfigError: a missing or malformed parameter.
@@ -531,19 +545,21 @@ class LanceSettings:
             raise ConfigError(f"model {model!r}: parameter 'checkpoint' is not set (run lance-trt repo)")
         runner = parse_choice(model, "mot_runner", params.get("mot_runner", "onnxruntime"),
                               registry.RUNNERS)
-        engine = None
-        if runner != "torch":
-            key = "mot_engine"
-            if f"mot_engine_cc{compute_capability}" in params:
-                key = f"mot_engine_cc{compute_capability}"
-            if key not in params:
+        engines = {}
+        for name in IN_PROCESS if runner != "torch" else ():
+            key = f"{name}_engine"
+            if f"{key}_cc{compute_capability}" in params:
+                key = f"{key}_cc{compute_capability}"
+            if key in params:
+                engines[name] = resolve_path(folder, params[key])
+            elif name == "mot":
                 raise ConfigError(f"model {model!r}: parameter {key!r} is not set (the {runner} mot engine)")
-            engine = resolve_path(folder, params[key])
         threads = parse_number(model, "threads", params.get("threads", "0"), int, 0)
         return cls(
             checkpoint=resolve_path(folder, params["checkpoint"]),
+            video=parse_bool(model, "video", params.get("video", "false")),
             mot_runner=runner,
-            mot_engine=engine,
+            engines=engines,
             precision=parse_choice(model, "precision", params.get("precision", "fp32"), PRECISIONS),
             children={name: params.get(f"{name}_model", default) for name, default in CHILD_MODELS.items()},
             child_timeout_s=parse_number(model, "child_timeout_s",
@@ -598,6 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("engine_dirs", nargs="+", type=Path, metavar="ENGINE_DIR",
         help="engine folder from lance-trt export/build; several: one per GPU architecture")
     add("--checkpoint", required=True, type=Path, help="the checkpoint the engines were exported from")
+    add("--video", action="store_true",
+        help="the engines are the video model's (lance-trt export --video): lance then serves every task, video too")
     add("--out", type=Path, default=Path("triton_repo"), help="model repository (default: %(default)s)")
     add("--precision", choices=PRECISIONS, default="bf16", help="plans to install (default: %(default)s)")
     add("--gpus", type=_gpu_list, default=[0], help="GPU ids served, one instance each (default: 0)")
@@ -618,7 +636,7 @@ def repo_main(argv: Sequence[str] | None = None) -> int:
     try:
         target = ServingTarget.detect(args.gpus, args.tensorrt_version)
         report = write_repository(
-            args.engine_dirs, args.checkpoint, args.out, precision=args.precision, gpus=args.gpus,
+            args.engine_dirs, args.checkpoint, args.out, video=args.video, precision=args.precision, gpus=args.gpus,
             mot_runner=args.mot_runner, max_queue_size=args.max_queue_size, threads=args.threads,
             child_timeout_s=args.child_timeout_s, target=target)
     except RepoError as err:

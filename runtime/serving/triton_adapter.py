@@ -96,7 +96,8 @@ def one_line(err: BaseException) -> str:
 
 
 def build_pipeline(settings: LanceSettings, device: torch.device):  # -> runtime.pipeline.LancePipeline
-    """The CLI's `LancePipeline` with ``mot`` in this process and the other engines as BLS calls.
+    """The CLI's `LancePipeline` with the in-process engines (``mot``, the video VAE's chunk steps) in this process
+    and the other engines as BLS calls.
 
     The host side (tokenizer, configs, embedding and position tables) and the engine specs come from the
     checkpoint, loaded on the CPU (on ``device`` when ``mot`` itself runs from PyTorch); only the host tensors move
@@ -107,19 +108,21 @@ def build_pipeline(settings: LanceSettings, device: torch.device):  # -> runtime
     from runtime.runners.factory import bls_runners, file_runner
 
     dtype = PRECISION_DTYPES[settings.precision]
-    mot: Runner
+    own: dict[str, Runner]
     if settings.mot_runner == "torch":
-        reference = LancePipeline.from_checkpoint(settings.checkpoint, runner="torch", device=device, dtype=dtype)
-        host, mot = reference.host, reference.engines.mot
+        reference = LancePipeline.from_checkpoint(settings.checkpoint, runner="torch", device=device, dtype=dtype,
+                                                  video=settings.video)
+        host = reference.host
         specs = {name: runner.spec for name, runner in reference.engines.items()}
+        own = {name: runner for name, runner in reference.engines.items() if name not in settings.children}
     else:
         # The engines hold the networks: the host side needs only the tokenizer, configs and the embedding.
-        host, specs = load_host(settings.checkpoint, device=device, dtype=dtype)
-        mot = file_runner(settings.mot_runner, specs["mot"], settings.mot_engine, threads=settings.threads,
-                          device=device)
+        host, specs = load_host(settings.checkpoint, device=device, dtype=dtype, video=settings.video)
+        own = {name: file_runner(settings.mot_runner, specs[name], path, threads=settings.threads, device=device)
+               for name, path in settings.engines.items()}
     children = bls_runners(specs, settings.children, pb_utils, precision=settings.precision, device=device,
                            timeout_us=int(settings.child_timeout_s * 1e6))
-    return LancePipeline(Engines(mot=mot, **children), host, device=device, dtype=dtype)
+    return LancePipeline(Engines(**own, **children), host, device=device, dtype=dtype)
 
 
 def warm_up(runner: Runner, precision: str, device: torch.device) -> None:
@@ -234,8 +237,9 @@ class LanceModel:
         self.settings = LanceSettings.parse(self.name, config_parameters(config), _version_folder(args), capability)
         start = time.perf_counter()
         self.pipeline = build_pipeline(self.settings, self.device)
-        logger.info("model %s: pipeline on %s (%s, mot via %s %s, children %s) in %.1f s", self.name, self.device,
-                    self.settings.precision, self.settings.mot_runner, self.settings.mot_engine or "",
+        logger.info("model %s: pipeline on %s (%s, %s model, in-process engines via %s %s, children %s) in %.1f s",
+                    self.name, self.device, self.settings.precision, "video" if self.settings.video else "image",
+                    self.settings.mot_runner, {name: str(path) for name, path in self.settings.engines.items()},
                     dict(self.settings.children), time.perf_counter() - start)
         if self.settings.warmup:
             with torch.inference_mode():

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from runtime.spec import registry
-from runtime.spec.limits import MAX_PROMPT_TOKENS
+from runtime.spec.limits import MAX_PROMPT_TOKENS, MAX_TEXT_ROWS
 
 
 class DType(str, enum.Enum):
@@ -204,8 +204,11 @@ MAX_LATENT_TOKENS = 4116        # 42 x 98: the largest latent grid (edit, 21:9 a
 MIN_VIT_PATCHES = 200           # 10 x 20 patches: 21:9 at 224 (7/8 of 256), cropped to 140 x 280
 MAX_VIT_PATCHES = 4116          # 42 x 98 patches: 21:9 at 896 (7/8 of 1024), cropped to 588 x 1372
 VIT_MERGE_UNIT = 4              # patches per merged row (2 x 2): the real and the tiny towers alike
-MAX_PREFILL_ROWS = max(MAX_VIT_PATCHES // VIT_MERGE_UNIT + 2, MAX_TEXT_SPLIT)  # <vs> + ViT rows + <ve>, or text
-MAX_PAST = 8192                 # KV rows: system + ViT block + reference block + prompt, or x2t context + answer
+MAX_VIDEO_LATENT_TOKENS = 31 * 1645   # 121 frames (31 latent) of the largest video_480p bucket, 752 x 560 = 47 x 35
+MAX_VIDEO_VIT_ROWS = 37 * 464   # 73 input frames = 37 frame pairs of the largest 616-area ViT bucket, 464 x 832 px
+MAX_PREFILL_ROWS = max(MAX_VIT_PATCHES // VIT_MERGE_UNIT + 2, MAX_VIDEO_VIT_ROWS + 2, MAX_TEXT_SPLIT)  # a block, or text
+MAX_PAST = 256 + MAX_PREFILL_ROWS + MAX_VIDEO_LATENT_TOKENS + 2 + MAX_TEXT_ROWS
+"""KV rows: system + ViT block + reference block + prompt (video edit at its largest), or x2t context + answer."""
 DEFAULT_LATENT_SIDE = 48        # 768 px, upstream's default size: the profiles' opt
 DEFAULT_VIT_ROWS = 576          # 672 x 672 px => 48 x 48 patches => 576 merged rows
 
@@ -476,7 +479,8 @@ def mot_spec(*, hidden: int, layers: int, kv_heads: int, head_dim: int, vocab: i
             Profile("decode", {"B": (1, 1, 1), "Lhead": (1, 1, 1), "Lgen": (0, 0, 0), "Ltail": (0, 0, 0),
                                "P": (1, 1024, MAX_PAST)}),
             Profile("gen", {"B": (1, 2, 2), "Lhead": (1, 1, 1),
-                            "Lgen": (MIN_LATENT_TOKENS, DEFAULT_LATENT_SIDE**2, MAX_LATENT_TOKENS),
+                            "Lgen": (MIN_LATENT_TOKENS, DEFAULT_LATENT_SIDE**2,
+                                     max(MAX_LATENT_TOKENS, MAX_VIDEO_LATENT_TOKENS)),
                             "Ltail": (1, 1, 1), "P": (1, 512, MAX_PAST)}),
         ),
         sizes={"D": hidden, "Z": latent_channels, "NL": layers, "KVH": kv_heads, "HD": head_dim, "V": vocab},

@@ -18,6 +18,11 @@ MAX_FRAMES = 121                # 31 latent frames: the video checkpoint's posit
 DEFAULT_FRAMES = 49             # upstream's inference_lance.sh: NUM_FRAMES 50, i.e. 13 latent frames, 49 decoded
 VIDEO_FPS = 12                  # upstream saves its videos at 12 fps, and samples input videos at 12 fps
 MAX_VIDEO_SECONDS = 6.0         # upstream's max_duration of an input video (its sampler spreads the frames over all)
+MAX_INPUT_FRAMES = int(MAX_VIDEO_SECONDS * VIDEO_FPS) + 1
+"""Frames sampled from an input video at most (73: 6 s at 12 fps, brought to 4k + 1)."""
+MAX_VIDEO_AREA = 640 * 640
+"""Output area of the video tasks at most: upstream's video_480p buckets (480 x 848 and its siblings). It bounds the
+latent tokens of a video (121 frames: about 50k) and the ViT rows of an input video, and so the engines' profiles."""
 MAX_VIDEO_BYTES = 64 * 2**20
 """Encoded size cap of an input video (64 MiB)."""
 

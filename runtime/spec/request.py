@@ -27,6 +27,7 @@ from runtime.spec.limits import (
     MAX_VIDEO_BYTES,
     MAX_NEW_TOKENS_RANGE,
     MAX_PROMPT_CHARS,
+    MAX_VIDEO_AREA,
     MAX_SIZE,
     MIN_SIZE,
     SEED_MAX,
@@ -171,6 +172,9 @@ class GenerationRequest:
             value = _integer(name, getattr(self, name))
             if not (MIN_SIZE <= value <= MAX_SIZE and value % SIZE_MULTIPLE == 0):
                 raise RequestError(name, f"must be a multiple of {SIZE_MULTIPLE} in [{MIN_SIZE}, {MAX_SIZE}], got {value}")
+        if registry.TASKS[self.task].output == "video" and self.height * self.width > MAX_VIDEO_AREA:
+            raise RequestError("height", f"{self.task} makes videos of at most {MAX_VIDEO_AREA} pixels per frame (640 x 640 "
+                               f"area, e.g. 480 x 848), got {self.height} x {self.width} = {self.height * self.width}")
         frames = _integer("frames", self.frames)
         if not (1 <= frames <= MAX_FRAMES and (frames - 1) % FRAMES_STEP == 0):
             raise RequestError("frames", f"must be {FRAMES_STEP}k+1 in [1, {MAX_FRAMES}] (1, 5, 9, ..., {MAX_FRAMES}), "
