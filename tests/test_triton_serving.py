@@ -42,7 +42,7 @@ from runtime.spec.request import (
 )
 from runtime.serving.server import ServerOptions, ServerStartError, TritonServer
 from runtime.serving.repository import CHILD_MODELS, ServingTarget, write_repository
-from tests.triton_harness import Stream, StreamOutcome, grpc_client, requires_triton, running_server
+from tests.triton_harness import Stream, StreamOutcome, grpc_client, requires_triton, running_server, served
 
 pytestmark = [pytest.mark.triton, requires_triton]
 QUEUE = 8                           # lance's max_queue_size in this repository: 1 running + 7 queued = 8 clients
@@ -55,9 +55,8 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint: Path, engine_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    out = tmp_path_factory.mktemp("triton") / "repo"
-    write_repository([engine_dir], tiny_checkpoint, out, max_queue_size=QUEUE, target=ServingTarget(None))
-    with running_server(out, log_path=out.parent / "tritonserver.log") as server:
+    with served(engine_dir, tiny_checkpoint, tmp_path_factory.mktemp("triton") / "repo",
+                max_queue_size=QUEUE) as server:
         yield server
 
 

@@ -16,11 +16,10 @@ from PIL import Image
 
 from runtime.client import LanceClient, LanceClientError
 from runtime.pipeline import LancePipeline
-from runtime.serving.repository import ServingTarget, write_repository
 from runtime.serving.server import TritonServer
 from runtime.spec.request import GenerationRequest
 from runtime.spec.video import write_mp4
-from tests.triton_harness import requires_triton, running_server
+from tests.triton_harness import requires_triton, served
 
 pytestmark = [pytest.mark.triton, requires_triton]
 OPTIONS = {"height": 256, "width": 256, "steps": 2, "seed": 11}
@@ -29,9 +28,8 @@ OPTIONS = {"height": 256, "width": 256, "steps": 2, "seed": 11}
 @pytest.fixture(scope="module")
 def server(tiny_video_checkpoint: Path, video_engine_dir: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    out = tmp_path_factory.mktemp("triton_video") / "repo"
-    write_repository([video_engine_dir], tiny_video_checkpoint, out, video=True, target=ServingTarget(None))
-    with running_server(out, log_path=out.parent / "tritonserver.log") as server:
+    with served(video_engine_dir, tiny_video_checkpoint, tmp_path_factory.mktemp("triton_video") / "repo",
+                video=True) as server:
         yield server
 
 

@@ -96,6 +96,17 @@ def grpc_client(server: TritonServer):  # -> tritonclient.grpc.InferenceServerCl
     return grpcclient.InferenceServerClient(server.grpc_url)
 
 
+@contextlib.contextmanager
+def served(engine_dir: Path, checkpoint: Path, out: Path, **repo_options: object) -> Iterator[TritonServer]:
+    """The repository ``lance-trt repo`` writes from ``engine_dir`` and ``checkpoint`` into ``out``, served in CPU
+    mode (`running_server`), its log beside it."""
+    from runtime.serving.repository import ServingTarget, write_repository
+
+    write_repository([engine_dir], checkpoint, out, target=ServingTarget(None), **repo_options)
+    with running_server(out, log_path=out.parent / "tritonserver.log") as server:
+        yield server
+
+
 @dataclass
 class StreamOutcome:
     """What one request on a decoupled stream received, with arrival times in seconds after sending."""
