@@ -221,12 +221,15 @@ def test_listens_on_tells_processes_apart() -> None:
         listener.bind(("127.0.0.1", port))
         listener.listen()
         assert listens_on(os.getpid(), port) is True
-        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        other = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"],
+                                 stdout=subprocess.PIPE, text=True)
         try:
+            assert other.stdout.readline() == "up\n"       # past exec: its /proc/<pid>/fd is readable
             assert listens_on(other.pid, port) is False
         finally:
             other.kill()
             other.wait()
+            other.stdout.close()
     assert listens_on(os.getpid(), port) is False
 
 

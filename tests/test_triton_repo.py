@@ -139,10 +139,12 @@ def test_repository_layout_and_configs(tmp_path: Path, tiny_checkpoint: Path, sp
                           for s in request_spec.LANCE_INPUTS}
         assert list(outputs) == [s.name for s in request_spec.LANCE_OUTPUTS]
         assert outputs["image"][:2] == ("TYPE_UINT8", [-1, -1, 3])
-        assert params(config)["checkpoint"] == str(tiny_checkpoint.resolve())  # outside the repository: absolute
+        assert not any(str(tiny_checkpoint.resolve()) in value for value in params(config).values())
+    # the checkpoint's path stays out of the config (the config API would show it): a file beside model.py
+    assert (out / "lance/1/checkpoint.path").read_text() == f"{tiny_checkpoint.resolve()}\n"   # outside: absolute
     in_process = [name for name, engine in registry.ENGINES.items() if engine.triton_model is None]
-    assert params(gpu) | {"checkpoint": ""} == {
-        "checkpoint": "", "video": "false", "child_timeout_s": "600", "vit_model": "lance_vit",
+    assert params(gpu) == {
+        "video": "false", "child_timeout_s": "600", "vit_model": "lance_vit",
         "vae_encode_model": "lance_vae_encode", "vae_decode_model": "lance_vae_decode", "mot_runner": "tensorrt",
         "precision": "bf16", "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
         **{f"{name}_engine": f"{name}.plan" for name in in_process}}
@@ -226,7 +228,7 @@ def test_checkpoint_inside_the_repository_is_relative(tmp_path: Path, tiny_check
     inside = out / "checkpoint"
     shutil.copytree(tiny_checkpoint, inside)
     write_repository([fake_engines(tmp_path / "engines", specs, plans=False)], inside, out, target=H100)
-    recorded = params(parse(out / "lance/configs/cpu.pbtxt"))["checkpoint"]
+    recorded = (out / "lance/1/checkpoint.path").read_text().strip()
     assert recorded == "../../checkpoint"
     assert (out / "lance" / "1" / recorded).resolve() == inside.resolve()
 
@@ -298,24 +300,30 @@ def test_written_parameters_parse_back(tmp_path: Path, tiny_checkpoint: Path, sp
 
 
 @pytest.mark.parametrize("params, words", [
-    ({}, "parameter 'checkpoint' is not set"),
-    ({"checkpoint": "c", "mot_runner": "tvm"}, "parameter 'mot_runner' must be one of torch, onnxruntime, tensorrt"),
-    ({"checkpoint": "c"}, "parameter 'mot_engine' is not set"),
-    ({"checkpoint": "c", "mot_engine": "m", "precision": "fp16"}, "parameter 'precision' must be one of fp32, bf16"),
-    ({"checkpoint": "c", "mot_engine": "m", "warmup": "no"}, "parameter 'warmup' must be true or false, got 'no'"),
-    ({"checkpoint": "c", "mot_engine": "m", "threads": "-1"}, "parameter 'threads' must be an integer >= 0, got '-1'"),
-    ({"checkpoint": "c", "mot_engine": "m", "child_timeout_s": "soon"}, "'child_timeout_s' must be a number >= 0, got 'soon'"),
+    ({"mot_runner": "tvm"}, "parameter 'mot_runner' must be one of torch, onnxruntime, tensorrt"),
+    ({}, "parameter 'mot_engine' is not set"),
+    ({"mot_engine": "m", "precision": "fp16"}, "parameter 'precision' must be one of fp32, bf16"),
+    ({"mot_engine": "m", "warmup": "no"}, "parameter 'warmup' must be true or false, got 'no'"),
+    ({"mot_engine": "m", "threads": "-1"}, "parameter 'threads' must be an integer >= 0, got '-1'"),
+    ({"mot_engine": "m", "child_timeout_s": "soon"}, "'child_timeout_s' must be a number >= 0, got 'soon'"),
+    ({"mot_engine": "m", "video": "yes"}, "parameter 'video' must be true or false, got 'yes'"),
 ])
-def test_bad_lance_parameters(params: dict, words: str) -> None:
+def test_bad_lance_parameters(params: dict, words: str, tmp_path: Path) -> None:
+    (tmp_path / "checkpoint.path").write_text("/ckpt\n")
     with pytest.raises(ConfigError, match=re.escape(words)):
-        LanceSettings.parse("lance", params, Path("/repo/lance/1"))
+        LanceSettings.parse("lance", params, tmp_path)
 
 
-def test_parameter_details() -> None:
+def test_missing_checkpoint_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'checkpoint.path'} names no checkpoint")):
+        LanceSettings.parse("lance", {"mot_engine": "m"}, tmp_path)
+
+
+def test_parameter_details(tmp_path: Path) -> None:
     assert config_parameters({"parameters": {"a": {"string_value": "x"}, "b": {"string_value": "${b}"},
                                              "c": {"string_value": ""}}}) == {"a": "x"}
-    assert LanceSettings.parse("lance", {"checkpoint": "/ckpt", "mot_runner": "torch", "warmup": "False"},
-                               Path("/repo/lance/1")) == LanceSettings(
+    (tmp_path / "checkpoint.path").write_text("/ckpt\n")
+    assert LanceSettings.parse("lance", {"mot_runner": "torch", "warmup": "False"}, tmp_path) == LanceSettings(
         checkpoint=Path("/ckpt"), video=False, mot_runner="torch", engines={}, precision="fp32", children=CHILD_MODELS,
         child_timeout_s=600.0, threads=None, warmup=False)
     with pytest.raises(ConfigError, match="'engine_spec' is not an engine contract"):

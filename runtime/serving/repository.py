@@ -14,8 +14,9 @@ One repository, two config sets (docs/design/serving.md §3):
 ``tritonserver --model-repository <out>`` serves the GPU set; ``--model-config-name cpu`` (``lance-trt serve --cpu``)
 the CPU set. Every tensor block comes from `runtime.spec.contract`: the engines' from ``contract.triton_io`` (dims from
 the specs of the checkpoint's configs), ``lance``'s from ``LANCE_INPUTS``/``LANCE_OUTPUTS``. ``lance``'s parameters
-record where the checkpoint and the mot engine are: paths inside the repository are written relative to the version
-folder, so the repository can move; a checkpoint outside it is recorded by absolute path.
+record where its engine files are, relative to the version folder, so the repository can move. The checkpoint's
+path is in ``lance/1/checkpoint.path`` (relative when inside the repository, absolute otherwise), not in the config:
+the config API would hand it to whoever holds the admin key, a file in the repository to no client at all.
 
 Plans are checked here, before Triton loads them: each ``<engine>.json`` sidecar must name this runtime's contract,
 the TensorRT version that will serve it and the compute capability of a GPU the repository targets
@@ -26,7 +27,7 @@ picks its mot plan the same way). Files are hard-linked where the file system al
 Config parameters, written here and parsed back here for the models (`LanceSettings`, `EngineSettings`; a relative
 path is relative to the model's version folder, a value still reading ``${...}`` counts as unset):
 
-* ``lance``: ``checkpoint``; ``video`` (``true``: the checkpoint's ``Lance_3B_Video`` model, which serves every task;
+* ``lance``: ``video`` (``true``: the checkpoint's ``Lance_3B_Video`` model, which serves every task;
   ``false``: ``Lance_3B``, the image tasks); ``mot_runner`` (``tensorrt``, ``onnxruntime``, ``torch``; every in-process
   engine runs on it); ``<engine>_engine`` per in-process engine (`IN_PROCESS`: ``mot_engine``,
   ``vae_decode_chunk_engine``, ...; a plan or ONNX file; ``<engine>_engine_cc<X.Y>`` overrides it on a GPU of compute
@@ -71,7 +72,9 @@ DEFAULT_MAX_QUEUE_SIZE = 16
 DEFAULT_CHILD_TIMEOUT_S = 600.0
 GPU_MOT_RUNNERS = tuple(runner for runner in registry.RUNNERS if runner != "onnxruntime")
 """How ``lance`` runs ``mot`` in the GPU set (ONNX Runtime serves the CPU set)."""
-_INSTALLED_SUFFIXES = (".plan", ".onnx", ".onnx.data", ".json")
+CHECKPOINT_FILE = "checkpoint.path"
+"""In ``lance/1/``: the checkpoint's path (one line), where the host side of the pipeline loads from."""
+_INSTALLED_SUFFIXES = (".plan", ".onnx", ".onnx.data", ".json", ".path")
 
 
 class RepoError(ValueError):
@@ -414,7 +417,8 @@ def write_repository(
             engine_onnx_config(model, specs[engine], onnx_file, threads))
 
     version = _prepare_model(out, LANCE_MODEL)
-    common = {"checkpoint": _relative_to_version(checkpoint, version), "video": str(video).lower(),
+    (version / CHECKPOINT_FILE).write_text(_relative_to_version(checkpoint, version) + "\n", encoding="utf-8")
+    common = {"video": str(video).lower(),
               "child_timeout_s": f"{child_timeout_s:g}",
               **{f"{engine}_model": model for engine, model in CHILD_MODELS.items()}}
     gpu_params = {**common, "mot_runner": mot_runner, "precision": precision, "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
@@ -541,8 +545,12 @@ class LanceSettings:
         Raises:
             ConfigError: a missing or malformed parameter.
         """
-        if "checkpoint" not in params:
-            raise ConfigError(f"model {model!r}: parameter 'checkpoint' is not set (run lance-trt repo)")
+        try:
+            checkpoint = (folder / CHECKPOINT_FILE).read_text(encoding="utf-8").strip()
+        except OSError:
+            checkpoint = ""
+        if not checkpoint:
+            raise ConfigError(f"model {model!r}: {folder / CHECKPOINT_FILE} names no checkpoint (run lance-trt repo)")
         runner = parse_choice(model, "mot_runner", params.get("mot_runner", "onnxruntime"),
                               registry.RUNNERS)
         engines = {}
@@ -556,7 +564,7 @@ class LanceSettings:
                 raise ConfigError(f"model {model!r}: parameter {key!r} is not set (the {runner} mot engine)")
         threads = parse_number(model, "threads", params.get("threads", "0"), int, 0)
         return cls(
-            checkpoint=resolve_path(folder, params["checkpoint"]),
+            checkpoint=resolve_path(folder, checkpoint),
             video=parse_bool(model, "video", params.get("video", "false")),
             mot_runner=runner,
             engines=engines,
