@@ -31,6 +31,7 @@ from export.onnx_export import (
 from runtime.spec import contract
 from runtime.models.checkpoint import LanceModels
 from runtime.spec.contract import ENGINES, PRECISIONS, EngineSpec
+from runtime.pipeline.core import carried
 from runtime.runners import EngineError, TorchRunner
 from runtime.runners.graphs import graph_modules
 from runtime.runners.ort import OrtRunner
@@ -296,8 +297,7 @@ def test_chunked_video_decode_equals_the_vae(runners, tiny_models: LanceModels, 
     out = first.infer({"latent": latent[:, :, :1]})
     frames = [out["video"]]
     for index in (1, 2):
-        past = {name.replace("next.", "past.", 1): value for name, value in out.items() if name != "video"}
-        out = chunk.infer({"latent": latent[:, :, index:index + 1], **past})
+        out = chunk.infer({"latent": latent[:, :, index:index + 1], **carried(out)})
         frames.append(out["video"])
     with torch.no_grad():
         expected = tiny_models.vae.decode(latent)
@@ -318,9 +318,8 @@ def test_chunked_video_encode_equals_the_vae(runners, tiny_models: LanceModels, 
     out = first.infer({"video": video[:, :, :1], "noise": noise[:, :, :1]})
     outs = [out]
     for index in (1, 2):
-        past = {name.replace("next.", "past.", 1): value for name, value in out.items() if name.startswith("next.")}
         out = chunk.infer({"video": video[:, :, 4 * index - 3:4 * index + 1], "noise": noise[:, :, index:index + 1],
-                           **past})
+                           **carried(out)})
         outs.append(out)
     with torch.no_grad():
         mean, log_var = tiny_models.vae.encode(video)

@@ -160,8 +160,7 @@ class LancePipeline:
         if missing:
             raise RequestError("task", f"{task.name} needs the engines {', '.join(missing)}, which this deployment "
                                "does not load")
-        media = {name for name in registry.MEDIA if getattr(request, name) is not None}
-        if registry.needs_video_model(task, media) and self.host.llm_config.max_latent_frames < 2:
+        if registry.needs_video_model(task, set(request.media)) and self.host.llm_config.max_latent_frames < 2:
             field, what = ("task", task.name) if task.video_model else ("video", f"{task.name} on a video")
             raise RequestError(field, f"{what} needs the video model ({constants.VIDEO_CKPT_DIR}); this pipeline "
                                "loaded the image model")
@@ -249,8 +248,7 @@ class LancePipeline:
         w) raster order: frame 0 alone, then 4 frames per engine call with the causal caches passed along (upstream
         ``WanVAE_.encode``), each latent frame sampled with its slice of one seeded noise tensor."""
         step = constants.VAE_DOWNSAMPLE_TEMPORAL
-        t = (pixels.shape[2] - 1) // step + 1
-        h, w = (s // constants.VAE_DOWNSAMPLE_SPATIAL for s in pixels.shape[-2:])
+        t, (h, w) = latent_frames(pixels.shape[2]), latent_size(*pixels.shape[-2:])
         noise = randn((1, constants.LATENT_CHANNELS, t, h, w), seed + 1)
         out = self.infer(self.engines.vae_encode_first, {"video": pixels[:, :, :1], "noise": noise[:, :, :1]})
         latents = [out["latent"]]
@@ -263,7 +261,7 @@ class LancePipeline:
 
     def encode_reference(self, pixels: torch.Tensor, seed: int) -> torch.Tensor:
         """The edit reference as latent tokens ``(1, h*w, 48)``: Lance samples the posterior, with explicit noise."""
-        h, w = (s // constants.VAE_DOWNSAMPLE_SPATIAL for s in pixels.shape[-2:])
+        h, w = latent_size(*pixels.shape[-2:])
         noise = randn((1, constants.LATENT_CHANNELS, h, w), seed + 1)
         out = self.infer(self.engines.vae_encode, {"image": pixels, "noise": noise})
         return to_tokens(out["latent"])
@@ -400,11 +398,11 @@ class LancePipeline:
         pixels = []
         with timed(timings, "vae_decode"):
             out = self.infer(self.engines.vae_decode_first, {"latent": frames[:, :, :1].contiguous()})
-            for index in range(t):
-                if index:
-                    progress.check()
-                    feed = {"latent": frames[:, :, index:index + 1].contiguous(), **carried(out)}
-                    out = self.infer(self.engines.vae_decode_chunk, feed)
+            pixels.append(to_uint8_video(out["video"].float().cpu()))
+            for index in range(1, t):
+                progress.check()
+                feed = {"latent": frames[:, :, index:index + 1].contiguous(), **carried(out)}
+                out = self.infer(self.engines.vae_decode_chunk, feed)
                 pixels.append(to_uint8_video(out["video"].float().cpu()))
         return np.concatenate(pixels)
 

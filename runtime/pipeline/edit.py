@@ -5,15 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from runtime.pipeline.core import VIT_TO_VAE_SIDE, LancePipeline, Progress, timed
-from runtime.spec import constants
+from runtime.pipeline.core import VIT_TO_VAE_SIDE, LancePipeline, Progress, latent_size, timed
 from runtime.spec.request import GenerationRequest
 
 
 def run(pipeline: LancePipeline, request: GenerationRequest, progress: Progress,
         timings: dict[str, float]) -> dict[str, Any]:
     vae_pixels, patches, vit_grid = pipeline.media_inputs(request, VIT_TO_VAE_SIDE, timings)
-    lat_h, lat_w = (s // constants.VAE_DOWNSAMPLE_SPATIAL for s in vae_pixels.shape[-2:])
+    lat_h, lat_w = latent_size(*vae_pixels.shape[-2:])
     with timed(timings, "vit"):
         vit_rows = pipeline.vit(patches, vit_grid)
     with timed(timings, "vae_encode"):

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from runtime.pipeline.core import VIDEO_VIT_TO_VAE_SIDE, LancePipeline, Progress, latent_frames, timed
-from runtime.spec import constants
+from runtime.pipeline.core import VIDEO_VIT_TO_VAE_SIDE, LancePipeline, Progress, latent_frames, latent_size, timed
 from runtime.spec.request import GenerationRequest
 
 
 def run(pipeline: LancePipeline, request: GenerationRequest, progress: Progress,
         timings: dict[str, float]) -> dict[str, Any]:
     vae_pixels, patches, vit_grid = pipeline.media_inputs(request, VIDEO_VIT_TO_VAE_SIDE, timings)
-    grid = (latent_frames(request.frames), *(s // constants.VAE_DOWNSAMPLE_SPATIAL for s in vae_pixels.shape[-2:]))
+    grid = (latent_frames(request.frames), *latent_size(*vae_pixels.shape[-2:]))
     with timed(timings, "vit"):
         vit_rows = pipeline.vit(patches, vit_grid)
     with timed(timings, "vae_encode"):

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from runtime.pipeline.core import VIDEO_VIT_TO_VAE_SIDE, LancePipeline, Progress, latent_frames, timed
-from runtime.spec import constants
+from runtime.pipeline.core import VIDEO_VIT_TO_VAE_SIDE, LancePipeline, Progress, latent_frames, latent_size, timed
 from runtime.spec.request import GenerationRequest
 
 
 def run(pipeline: LancePipeline, request: GenerationRequest, progress: Progress,
         timings: dict[str, float]) -> dict[str, Any]:
     pixels, pairs, vit_grid = pipeline.media_inputs(request, VIDEO_VIT_TO_VAE_SIDE, timings)
-    grid = (latent_frames(pixels.shape[2]), *(s // constants.VAE_DOWNSAMPLE_SPATIAL for s in pixels.shape[-2:]))
+    grid = (latent_frames(pixels.shape[2]), *latent_size(*pixels.shape[-2:]))
     with timed(timings, "vit"):
         vit_rows = pipeline.vit_video(pairs, vit_grid)
     with timed(timings, "vae_encode"):

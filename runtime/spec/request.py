@@ -152,6 +152,11 @@ class GenerationRequest:
             if getattr(self, name) is None:
                 object.__setattr__(self, name, defaults.get(name, default))
 
+    @property
+    def media(self) -> tuple[str, ...]:
+        """The media fields this request carries, in `registry.MEDIA` order."""
+        return tuple(name for name in registry.MEDIA if getattr(self, name) is not None)
+
     def validate(self) -> GenerationRequest:
         """Check every field; returns ``self`` so calls chain.
 
@@ -192,7 +197,7 @@ class GenerationRequest:
     def _validate_media(self) -> None:
         """A task that lists media takes exactly one of them; a medium it does not list is refused."""
         task = registry.TASKS[self.task]
-        given = [name for name in registry.MEDIA if getattr(self, name) is not None]
+        given = self.media
         for name in given:
             if name not in task.media:
                 raise RequestError(name, f"only {_tasks_doc(name)} take {_ARTICLE[name]}; {self.task} does not")
