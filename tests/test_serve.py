@@ -431,8 +431,9 @@ def test_bounded_queue_rejects_excess(sleeper: TritonServer) -> None:
         at, status, message = o.error
         assert "Exceeds maximum queue size" in message
         assert status is None  # 2.51 sends it as an in-stream error without a gRPC code
-        assert at < 1.0  # refused at once, not after the running request
-    assert all(o.final_at > 1.0 for o in served)  # they waited for the running request
+    # the refusals come at once, before any queued request is served (those waited for the running one): an order
+    # of events, not a wall-clock bound
+    assert max(o.error[0] for o in rejected) < min(o.final_at for o in served)
 
 
 @triton_test

@@ -356,8 +356,8 @@ def test_bad_input_is_refused(server: TritonServer, children_before_bad_inputs: 
     assert status is None, (status, message)  # in-stream errors carry no gRPC code (see run_remote)
     assert f"{field}:" in message if case in BAD_INPUTS else f"'{field}'" in message, message
     assert words in message, message
+    # refused before any work: no progress response here, and no child call over the whole matrix (next test)
     assert not outcome.responses, "no progress before a validation error"
-    assert at < 2.0
 
 
 def test_bad_inputs_left_the_server_serving(server: TritonServer, children_before_bad_inputs: dict[str, int]) -> None:
