@@ -2,8 +2,9 @@
 
 Benchmarks: ``triton`` -- the Triton path's cost per denoise step, per BLS call and per request against the
 in-process pipeline, tiny model on CPU (`benchmarks.bls_overhead`); ``gpu`` -- the PyTorch runners at full size on a
-GPU against the compute floor (`benchmarks.gpu`). Both ship in the wheel; a benchmark module is imported only when
-it runs.
+GPU against the compute floor (`benchmarks.gpu`); ``serving`` -- tritonserver on a GPU with the torch engine set
+against the in-process pipeline, through gRPC (`benchmarks.gpu_serving`). All ship in the wheel; a benchmark module is
+imported only when it runs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "triton": ("benchmarks.bls_overhead:main", "Triton path vs in-process pipeline, tiny model on CPU"),
     "gpu": ("benchmarks.gpu:bench_gpu_main", "full-size PyTorch runners on a GPU vs the compute floor "
                                              "(docs/benchmarks.md)"),
+    "serving": ("benchmarks.gpu_serving:main", "tritonserver with the torch engine set on a GPU vs the in-process "
+                                               "pipeline, through gRPC (docs/benchmarks.md)"),
 }
 
 

@@ -300,7 +300,7 @@ def test_bad_feed_is_refused(models) -> None:
 @NEEDS_CUDA
 @pytest.mark.parametrize("compile", [False, True])
 def test_graph_replay_matches_eager_on_cuda(compile: bool) -> None:
-    """Eager first call, warm-up + capture on the second, replays after: fp32 on the GPU (TF32 off)."""
+    """Warm-up + capture on the first call, replays after: fp32 on the GPU (TF32 off)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     config = LanceLLMConfig.tiny()
     reference = random_model(config, seed=1).cuda()
@@ -316,6 +316,28 @@ def test_graph_replay_matches_eager_on_cuda(compile: bool) -> None:
             for name, ref, out in zip(spec.output_names, expected, runner.infer(inputs).values()):
                 check(f"{case} graph step {step} {name}", out, ref, tol=1e-4)
     assert runner.num_graphs == 2
+
+
+@NEEDS_CUDA
+def test_graphs_beyond_the_bound_drop_the_least_recently_used() -> None:
+    """Three denoise layouts through a runner that keeps two graphs: the first is dropped, and when it comes back it
+    is captured again and still matches the reference (a server sees new prompt lengths all day; the graphs' memory
+    stays bounded)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = LanceLLMConfig.tiny()
+    reference = random_model(config, seed=1).cuda()
+    spec = engine_specs(config, VisionConfig.tiny(out_hidden_size=config.hidden_size), WanVAEConfig.tiny())["mot"]
+    runner = CudaMotRunner(spec, CudaMoT(random_model(config, seed=1).cuda()), max_graphs=2)
+    names = [t.name for t in spec.inputs]
+    layouts = [dict(CASES["denoise_cfg"], past_len=past) for past in ([7, 4], [7, 5], [7, 6], [7, 4])]
+    for index, layout in enumerate(layouts):
+        for step in range(3):
+            inputs = {k: v.cuda() for k, v in feed(config, seed=40 + 3 * index + step, **layout).items()}
+            with torch.no_grad():
+                expected = reference.step(*(inputs[name] for name in names))
+            for name, ref, out in zip(spec.output_names, expected, runner.infer(inputs).values()):
+                check(f"layout {index} step {step} {name}", out, ref, tol=1e-4)
+        assert runner.num_graphs == min(index + 1, 2)
 
 
 @NEEDS_CUDA

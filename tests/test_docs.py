@@ -30,7 +30,7 @@ def test_readme_folder_table_matches_the_tree() -> None:
     for entry in named:
         path = entry if "/" in entry or "." in entry else entry + "/"
         target = REPO_ROOT / path if path.startswith(("runtime", "docs", "export", "engines", "triton_repo", "tests",
-                                                      "benchmarks")) else REPO_ROOT / "runtime" / path
+                                                      "benchmarks", "deploy")) else REPO_ROOT / "runtime" / path
         assert target.exists(), f"README folder table names {entry!r}, which does not exist"
     top = {p.relative_to(REPO_ROOT).parts[0] for p in _tracked("*") if len(p.relative_to(REPO_ROOT).parts) > 1}
     top -= {".ci"}

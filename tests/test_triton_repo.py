@@ -145,10 +145,10 @@ def test_repository_layout_and_configs(tmp_path: Path, tiny_checkpoint: Path, sp
     in_process = [name for name, engine in registry.ENGINES.items() if engine.triton_model is None]
     assert params(gpu) == {
         "video": "false", "child_timeout_s": "600", "vit_model": "lance_vit",
-        "vae_encode_model": "lance_vae_encode", "vae_decode_model": "lance_vae_decode", "mot_runner": "tensorrt",
+        "vae_encode_model": "lance_vae_encode", "vae_decode_model": "lance_vae_decode", "engine_set": "tensorrt",
         "precision": "bf16", "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
         **{f"{name}_engine": f"{name}.plan" for name in in_process}}
-    assert (params(cpu)["mot_runner"], params(cpu)["precision"]) == ("onnxruntime", "fp32")
+    assert (params(cpu)["engine_set"], params(cpu)["precision"]) == ("onnxruntime", "fp32")
     assert {name: params(cpu)[f"{name}_engine"] for name in in_process} == {name: f"{name}.onnx" for name in in_process}
     assert all((out / "lance/1" / f"{name}.onnx").is_file() for name in in_process)
     assert [g.kind for g in gpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
@@ -277,7 +277,7 @@ def test_written_parameters_parse_back(tmp_path: Path, tiny_checkpoint: Path, sp
     check_lance_config("lance", cpu)
     settings = LanceSettings.parse("lance", config_parameters(cpu), folder)
     assert settings.checkpoint.resolve() == tiny_checkpoint.resolve()
-    assert (settings.mot_runner, settings.engines["mot"], settings.precision) == ("onnxruntime", folder / "mot.onnx",
+    assert (settings.engine_set, settings.engines["mot"], settings.precision) == ("onnxruntime", folder / "mot.onnx",
                                                                                  "fp32")
     assert settings.engines["vae_decode_chunk"] == folder / "vae_decode_chunk.onnx" and not settings.video
     assert (settings.children, settings.child_timeout_s, settings.threads, settings.warmup) == (
@@ -286,7 +286,7 @@ def test_written_parameters_parse_back(tmp_path: Path, tiny_checkpoint: Path, sp
     check_lance_config("lance", gpu)
     for capability, plan in (("8.9", "mot_cc8.9.plan"), ("9.0", "mot_cc9.0.plan")):
         settings = LanceSettings.parse("lance", config_parameters(gpu), folder, capability)
-        assert (settings.mot_runner, settings.engines["mot"], settings.precision) == ("tensorrt", folder / plan, "bf16")
+        assert (settings.engine_set, settings.engines["mot"], settings.precision) == ("tensorrt", folder / plan, "bf16")
         assert settings.engines["mot"].read_bytes() == f"plan mot {capability}".encode()
         assert settings.engines["vae_encode_first"] == folder / f"vae_encode_first_cc{capability}.plan"
     for engine, model in CHILD_MODELS.items():
@@ -300,7 +300,12 @@ def test_written_parameters_parse_back(tmp_path: Path, tiny_checkpoint: Path, sp
 
 
 @pytest.mark.parametrize("params, words", [
-    ({"mot_runner": "tvm"}, "parameter 'mot_runner' must be one of torch, onnxruntime, tensorrt"),
+    ({"engine_set": "tvm"}, "parameter 'engine_set' must be one of torch, onnxruntime, tensorrt"),
+    ({"engine_set": "torch", "warmup_sizes": "1024"}, "parameter 'warmup_sizes' must list sizes HxW"),
+    ({"engine_set": "torch", "warmup_sizes": "1024x1000"}, "parameter 'warmup_sizes' must list sizes HxW"),
+    ({"engine_set": "torch", "fp8_fast_accum": "true"}, "parameter 'fp8_fast_accum' needs 'fp8_gen'"),
+    ({"mot_engine": "m", "engine_set": "tensorrt", "fp8_gen": "true"}, "'fp8_gen' and 'fp8_fast_accum' belong to "
+                                                                       "engine_set torch"),
     ({}, "parameter 'mot_engine' is not set"),
     ({"mot_engine": "m", "precision": "fp16"}, "parameter 'precision' must be one of fp32, bf16"),
     ({"mot_engine": "m", "warmup": "no"}, "parameter 'warmup' must be true or false, got 'no'"),
@@ -323,9 +328,10 @@ def test_parameter_details(tmp_path: Path) -> None:
     assert config_parameters({"parameters": {"a": {"string_value": "x"}, "b": {"string_value": "${b}"},
                                              "c": {"string_value": ""}}}) == {"a": "x"}
     (tmp_path / "checkpoint.path").write_text("/ckpt\n")
-    assert LanceSettings.parse("lance", {"mot_runner": "torch", "warmup": "False"}, tmp_path) == LanceSettings(
-        checkpoint=Path("/ckpt"), video=False, mot_runner="torch", engines={}, precision="fp32", children=CHILD_MODELS,
-        child_timeout_s=600.0, threads=None, warmup=False)
+    assert LanceSettings.parse("lance", {"engine_set": "torch", "warmup": "False", "fp8_gen": "TRUE",
+                                         "warmup_sizes": "512x768  1024x1024"}, tmp_path) == LanceSettings(
+        checkpoint=Path("/ckpt"), video=False, engine_set="torch", engines={}, precision="fp32", children={},
+        child_timeout_s=600.0, threads=None, warmup=False, warmup_sizes=((512, 768), (1024, 1024)), fp8_gen=True)
     with pytest.raises(ConfigError, match="'engine_spec' is not an engine contract"):
         EngineSettings.parse("lance_vit", {"engine_spec": "{}", "onnx": "vit.onnx"}, Path("/repo/lance_vit/1"))
 
@@ -350,9 +356,85 @@ def test_config_checks_name_the_difference(tmp_path: Path, tiny_checkpoint: Path
 def test_bench_dispatcher(capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks.cli import BENCHMARKS, bench_main
 
-    assert "triton" in BENCHMARKS
+    assert {"triton", "gpu", "serving"} <= set(BENCHMARKS)
     assert bench_main([]) == 2 and "triton" in capsys.readouterr().err
     assert bench_main(["nope"]) == 2
     with pytest.raises(SystemExit) as info:
         bench_main(["triton", "--help"])
     assert info.value.code == 0 and "--runs" in capsys.readouterr().out
+
+
+# --- The torch engine set (GPU serving without TensorRT) ---------------------------------------------------------
+
+
+def test_torch_set_is_lance_alone_on_the_gpus(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """``--engine-set torch``: one model, KIND_GPU on every listed GPU, no child models, no CPU set, the FP8 and
+    warm-up choices as parameters that parse back."""
+    out = tmp_path / "repo"
+    (out / "lance" / "configs").mkdir(parents=True)
+    (out / "lance" / "configs" / "cpu.pbtxt").write_text("left by an earlier repository")
+    report = write_repository([], tiny_checkpoint, out, engine_set="torch", gpus=(0, 1), fp8_gen=True,
+                              warmup_sizes=[(512, 768), (1024, 1024)])
+    assert sorted(p.relative_to(out).as_posix() for p in report.files) == [
+        "lance/1/checkpoint.path", "lance/1/model.py", "lance/config.pbtxt"]
+    config = parse(out / "lance/config.pbtxt")
+    assert (config.backend, config.model_transaction_policy.decoupled) == ("python", True)
+    assert [(g.kind, list(g.gpus)) for g in config.instance_group] == [
+        (model_config_pb2.ModelInstanceGroup.KIND_GPU, [0, 1])]
+    assert params(config) == {"video": "false", "engine_set": "torch", "precision": "bf16", "fp8_gen": "true",
+                              "fp8_fast_accum": "false", "warmup_sizes": "512x768 1024x1024",
+                              "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
+    as_dict = as_model_config(out / "lance/config.pbtxt")
+    check_lance_config("lance", as_dict)
+    settings = LanceSettings.parse("lance", config_parameters(as_dict), out / "lance" / "1", "9.0")
+    assert (settings.engine_set, settings.engines, settings.children, settings.fp8_gen, settings.warmup_sizes) == (
+        "torch", {}, {}, True, ((512, 768), (1024, 1024)))
+    assert settings.checkpoint.resolve() == tiny_checkpoint.resolve()
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(engine_dirs=[Path("engines")]), "--engine-set torch builds every engine from the checkpoint"),
+    (dict(fp8_fast_accum=True), "--fp8-fast-accum needs --fp8-gen"),
+    (dict(engine_set="tensorrt", fp8_gen=True), "--fp8-gen selects the torch engine set's FP8 gen expert"),
+    (dict(engine_set="tensorrt", gpus=None, precision="fp32"), "serves the torch set in fp32 only"),
+    (dict(gpus=None), "serves the torch set in fp32 only"),
+    (dict(engine_set="onnxruntime"), "--engine-set must be one of tensorrt, torch"),
+])
+def test_torch_set_refusals(tmp_path: Path, tiny_checkpoint: Path, kwargs: dict, words: str) -> None:
+    options = {"engine_dirs": [], "engine_set": "torch", **kwargs}
+    with pytest.raises(RepoError, match=re.escape(words)):
+        write_repository(options.pop("engine_dirs"), tiny_checkpoint, tmp_path / "repo", **options)
+
+
+def test_torch_set_refuses_a_folder_with_child_models(tmp_path: Path, tiny_checkpoint: Path,
+                                                      specs: dict[str, EngineSpec]) -> None:
+    """tritonserver loads every model of its repository: a TensorRT set's children beside the torch set's lance
+    would load plans nobody calls (or fail without them)."""
+    out = tmp_path / "repo"
+    write_repository([fake_engines(tmp_path / "engines", specs, plans=False)], tiny_checkpoint, out, target=H100)
+    with pytest.raises(RepoError, match="holds the models lance_vae_decode, lance_vae_encode, lance_vit of a TensorRT"):
+        write_repository([], tiny_checkpoint, out, engine_set="torch")
+
+
+def test_torch_set_cli_never_imports_tensorrt(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """`lance-trt repo --engine-set torch` in a fresh interpreter: the repository is written, the message names no
+    CPU set, and neither TensorRT nor the TensorRT runner was imported (nor is one needed to serve it: the fast
+    engines come from `runtime.runners.factory`'s torch branch)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "repo"
+    code = ("import sys; from runtime.serving.repository import repo_main; "
+            f"rc = repo_main(['--engine-set', 'torch', '--checkpoint', {str(tiny_checkpoint)!r}, '--out', {str(out)!r},"
+            " '--warmup-sizes', '512x512', '768x1024']); "
+            "from runtime.pipeline import LancePipeline; "
+            f"LancePipeline.from_checkpoint({str(tiny_checkpoint)!r}, runner='torch'); "
+            "print('imported', sorted(m for m in ('tensorrt', 'runtime.runners.trt') if m in sys.modules)); "
+            "sys.exit(rc)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "imported []" in run.stdout and "serve with `lance-trt serve --repo" in run.stdout
+    assert "--cpu" not in run.stdout
+    assert params(parse(out / "lance/config.pbtxt"))["warmup_sizes"] == "512x512 768x1024"
+    with pytest.raises(SystemExit):
+        repo_main(["--engine-set", "torch", "--checkpoint", str(tiny_checkpoint), "--warmup-sizes", "1000x1000"])

@@ -40,8 +40,8 @@ _SAFETENSORS_METADATA = {"format": "pt"}
 
 
 def _random_tensor(key: str, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-    """A realistic fp32 value for checkpoint tensor `key`, chosen by its role."""
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    """A realistic fp32 value for checkpoint tensor `key`, chosen by its role (on the generator's device)."""
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32, device=generator.device)
     if key.endswith(".bias"):
         return _BIAS_STD * noise
     # 1-D non-bias tensors are RMSNorm scales (LLM, q/k, ViT); `.gamma` are Wan's RMS_norm scales (C, 1, 1[, 1]).
@@ -56,7 +56,7 @@ def random_state_dict(module: nn.Module, generator: torch.Generator, dtype: torc
     state = {}
     for key, value in module.state_dict().items():
         tensor = value if key in REGENERATED_KEYS else _random_tensor(key, tuple(value.shape), generator)
-        state[key] = tensor.to(dtype).contiguous()
+        state[key] = tensor.to(dtype).cpu().contiguous()
     return state
 
 
@@ -86,12 +86,22 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, video: bool = Fals
     `video` adds `Lance_3B_Video/`: the video-size position table (31 * 64 * 64 rows) and a full set of `vit_model.*`
     tensors, different from vit.safetensors (they override it when the video model loads, as upstream).
     """
+    return write_random_checkpoint(out_dir, seed=seed, video=video)
+
+
+def write_random_checkpoint(out_dir: str | Path, *, seed: int = 0, video: bool = False, full_size: bool = False,
+                            device: str | torch.device = "cpu") -> Path:
+    """`write_tiny_checkpoint`, or with ``full_size`` the real sizes (`LanceLLMConfig()`, `VisionConfig()`,
+    `WanVAEConfig()`: about 16 GB of files): what GPU serving and benchmarks load where the real weights cannot be
+    fetched. ``device``: where the values are drawn (a CUDA generator draws a full-size checkpoint in seconds; its
+    values differ from the CPU generator's)."""
     root = Path(out_dir)
-    generator = torch.Generator().manual_seed(seed)
-    vision_config = VisionConfig.tiny(out_hidden_size=LanceLLMConfig.tiny().hidden_size)
+    generator = torch.Generator(device).manual_seed(seed)
+    llm_base, vae_config = (LanceLLMConfig(), WanVAEConfig()) if full_size else (LanceLLMConfig.tiny(),
+                                                                                  WanVAEConfig.tiny())
+    vision_config = (VisionConfig if full_size else VisionConfig.tiny)(out_hidden_size=llm_base.hidden_size)
     # llm_config.json nests the config of the tower in Qwen2.5-VL-ViT/config.json, as the real files do.
-    llm_config = replace(LanceLLMConfig.tiny(), vision_config=vision_config.to_dict())
-    vae_config = WanVAEConfig.tiny()
+    llm_config = replace(llm_base, vision_config=vision_config.to_dict())
     image = CheckpointLayout(root, video=False)
 
     mot_state = random_state_dict(_build(LanceMoT, llm_config), generator, torch.bfloat16)
@@ -113,5 +123,6 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, video: bool = Fals
         _write_llm_dir(video_layout, llm_config, video_state)
         for source, target in zip(image.tokenizer_files, video_layout.tokenizer_files):
             shutil.copyfile(source, target)
-    logger.info("wrote a tiny%s Lance checkpoint (seed %d) to %s", " video" if video else "", seed, root)
+    logger.info("wrote a %s%s Lance checkpoint (seed %d) to %s", "full-size" if full_size else "tiny",
+                " video" if video else "", seed, root)
     return root

@@ -34,6 +34,7 @@ import torch
 from runtime.models.mot import LanceLLMConfig, latent_pos_table, mrope_cos_sin
 from runtime.models.tokenizer import SpecialIds
 from runtime.models.vit import VisionConfig, VisionInputs, vision_inputs
+from runtime.pipeline.cfg_pair import COND, CfgPair
 from runtime.pipeline.kv_cache import KVCache
 from runtime.pipeline.preprocess import (
     load_image,
@@ -47,7 +48,7 @@ from runtime.pipeline.preprocess import (
 )
 from runtime.pipeline.scheduler import apply_cfg, cfg_active, euler_step, make_schedule
 from runtime.pipeline.sequence import SequencePlan, Split, cfg_text_branch, cond_branch, latent_position_ids
-from runtime.runners import Engines, Runner
+from runtime.runners import Engines, Runner, to_device
 from runtime.spec import constants, registry
 from runtime.spec.contract import EngineSpec, torch_dtype
 from runtime.spec.limits import FRAMES_STEP, MAX_IMAGE_PIXELS, MAX_SIZE, MAX_TEXT_ROWS
@@ -98,11 +99,13 @@ class LancePipeline:
     """Every registered task over `Engines` of any backend."""
 
     def __init__(self, engines: Engines, host: LanceHost, *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, cfg_pair: CfgPair | None = None):
         self.engines = engines
         self.host = host
         self.device = torch.device(device)
         self.dtype = dtype
+        self.cfg_pair = cfg_pair
+        """With a `runtime.pipeline.cfg_pair.CfgPair`, this process computes one CFG branch of every request."""
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, *, runner: str = "torch", engine_dir: str | Path | None = None,
@@ -220,16 +223,13 @@ class LancePipeline:
 
     def infer(self, runner: Runner, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run an engine with every input cast to its contract dtype at this pipeline's precision, on the device
-        (the runner's host inputs on the CPU). Host-to-device copies do not wait for the device: the loop queues
-        its steps without synchronising."""
+        (the runner's host inputs on the CPU). Host-to-device copies do not wait for the device
+        (`runtime.runners.to_device`): the loop queues its steps without synchronising."""
         precision = _precision(self.dtype)
         dtypes = {t.name: torch_dtype(t.dtype, precision) for t in runner.spec.inputs}
         cpu = torch.device("cpu")
-        placed = {}
-        for name, value in feed.items():
-            device = cpu if name in runner.host_inputs else self.device
-            placed[name] = value.to(device, dtypes[name], non_blocking=value.device == cpu and device != cpu)
-        return runner.infer(placed)
+        return runner.infer({name: to_device(value, cpu if name in runner.host_inputs else self.device, dtypes[name])
+                             for name, value in feed.items()})
 
     def vit(self, patches: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """ViT rows ``(1, P/4, D)`` of one image (or one frame pair)."""
@@ -323,6 +323,9 @@ class LancePipeline:
         renormalisation still measures the velocity of the whole block, as upstream's."""
         use_cfg = request.cfg_scale > 1.0
         branches = [cond_branch(plan)] + ([cfg_text_branch(plan)] if use_cfg else [])
+        pair = self.cfg_pair if use_cfg else None
+        if pair is not None:
+            branches = branches[pair.rank:pair.rank + 1]       # this rank's branch only
         cache = self.new_cache(max(b.context_length for b in branches), batch=len(branches))
         with timed(timings, "prefill"):
             for index, branch in enumerate(branches):
@@ -340,13 +343,24 @@ class LancePipeline:
             for step in range(schedule.steps):
                 progress.check()
                 t_now = schedule.timesteps[step]
-                active = branches if use_cfg and cfg_active(t_now, constants.CFG_INTERVAL) else branches[:1]
-                velocity = self.velocity(query[:len(active)], x, t_now, cache, pinned)
-                if len(active) == 2:
+                cfg = use_cfg and cfg_active(t_now, constants.CFG_INTERVAL)
+                velocity = self.step_velocity(query, x, t_now, cache, pinned, cfg=cfg, pair=pair)
+                if cfg:
                     velocity = apply_cfg(velocity[0:1], velocity[1:2], request.cfg_scale, constants.CFG_RENORM_MIN)
                 x[:, pinned:] = euler_step(x[:, pinned:], velocity[:, pinned:], schedule.dts[step])
                 progress.advance(step + 1, schedule.steps)
         return x
+
+    def step_velocity(self, query: list[dict[str, torch.Tensor]], x: torch.Tensor, t: float, cache: KVCache,
+                      clean_rows: int, *, cfg: bool, pair: CfgPair | None) -> torch.Tensor:
+        """One step's velocities, ``(2, L, 48)`` conditional first where ``cfg``, else ``(1, L, 48)``: both branches
+        batched in one call, or with a CFG pair this rank's branch and the other's by exchange."""
+        if pair is None:
+            return self.velocity(query[:2 if cfg else 1], x, t, cache, clean_rows)
+        if cfg:
+            return pair.exchange(self.velocity(query, x, t, cache, clean_rows))
+        own = self.velocity(query, x, t, cache, clean_rows) if pair.rank == COND else None
+        return pair.share(own, like=x)
 
     def velocity(self, queries: list[dict[str, torch.Tensor]], x: torch.Tensor, t: float,
                   cache: KVCache, clean_rows: int = 0) -> torch.Tensor:

@@ -7,6 +7,7 @@ bundle and never branches on the backend; `runtime.runners.factory` is the one p
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping, Protocol
 
 import torch
@@ -29,6 +30,42 @@ class Runner(Protocol):
     def infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the engine on ``feed`` (every input of ``spec`` by name); returns every output by name."""
         ...
+
+
+GPU_LIBRARIES = ("libcudart", "libcublas", "libcublasLt", "libcudnn", "libnccl")
+
+
+def loaded_gpu_libraries() -> dict[str, list[str]]:
+    """The CUDA libraries this process has loaded, by name: their files (from ``/proc/self/maps``; a Triton stub holds
+    the server's CUDA runtime beside torch's). Two processes that should compute the same bits must load the same
+    cuBLAS and cuDNN."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return {}
+    paths = sorted({line.split()[-1] for line in lines if "/" in line})
+    found = {name: [path for path in paths if Path(path).name.startswith((name + ".", name + "-"))]
+             for name in GPU_LIBRARIES}
+    return {name: files for name, files in found.items() if files}
+
+
+def to_device(value: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None, *,
+              copy: bool = False) -> torch.Tensor:
+    """``value`` on ``device`` (as ``dtype``) without making the host wait for the device: a CPU tensor headed for a
+    GPU is staged in pinned memory first, because a copy from pageable memory may synchronise with the stream
+    (CUDA's rule for pageable transfers), which would serialise a host loop with the GPU work it queues."""
+    device = torch.device(device)
+    if value.device.type == "cpu" and device.type == "cuda":
+        return value.to(dtype).pin_memory().to(device, non_blocking=True, copy=copy)
+    return value.to(device, dtype, copy=copy)
+
+
+def copy_into(buffer: torch.Tensor, value: torch.Tensor) -> None:
+    """``buffer.copy_(value)``, staged as `to_device` stages."""
+    if value.device.type == "cpu" and buffer.device.type == "cuda":
+        buffer.copy_(value.pin_memory(), non_blocking=True)
+    else:
+        buffer.copy_(value)
 
 
 class TorchRunner:

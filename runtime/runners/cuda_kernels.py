@@ -15,6 +15,8 @@ from typing import Callable, Mapping, Sequence, TypeVar
 import torch
 import torch.nn.functional as F
 
+from runtime.runners import copy_into, to_device
+
 try:  # Triton comes with PyTorch's CUDA wheels; CPU-only installs run the generic kernels.
     import triton
     import triton.language as tl
@@ -183,16 +185,29 @@ T = TypeVar("T")
 
 def inputs_on(device: torch.device, feed: Mapping[str, torch.Tensor], names: Sequence[str], *,
               copy: bool = False) -> dict[str, torch.Tensor]:
-    """``feed``'s tensors ``names`` on ``device``; host tensors go without waiting for the device (a pageable source
-    is staged before the call returns, so the caller may reuse it). ``copy``: new tensors even for those already
-    there (a graph's own input buffers)."""
-    return {name: feed[name].to(device, non_blocking=feed[name].device.type == "cpu", copy=copy) for name in names}
+    """``feed``'s tensors ``names`` on ``device``; host tensors go through pinned memory without waiting for the
+    device (`runtime.runners.to_device`). ``copy``: new tensors even for those already there (a graph's own input
+    buffers)."""
+    return {name: to_device(feed[name], device, copy=copy) for name in names}
 
 
 def copy_inputs(buffers: Mapping[str, torch.Tensor], feed: Mapping[str, torch.Tensor]) -> None:
     """Copy ``feed``'s tensors into a graph's input ``buffers`` of the same names, as `inputs_on` moves them."""
     for name, buffer in buffers.items():
-        buffer.copy_(feed[name], non_blocking=feed[name].device.type == "cpu")
+        copy_into(buffer, feed[name])
+
+
+def compiled(function: Callable[..., T], fullgraph: bool = True) -> Callable[..., T]:
+    """``torch.compile(function, fullgraph=fullgraph)`` with Inductor's choices made without timing them: by default it
+    benchmarks some kernels' launch configurations on first use and keeps the fastest, and a reduction's
+    configuration decides its summation order, so two processes on one GPU could compute different bits (the
+    served and the in-process pipeline must agree byte for byte). Its ``deterministic`` mode picks by heuristics
+    instead (a PyTorch without the switch keeps its default)."""
+    import torch._inductor.config as inductor
+
+    if hasattr(inductor, "deterministic"):
+        inductor.deterministic = True
+    return torch.compile(function, fullgraph=fullgraph)
 
 
 class GraphCapture:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
@@ -47,6 +48,7 @@ from runtime.runners.cuda_kernels import (
     Fp8Weight,
     GraphCapture,
     add_rms_norm,
+    compiled as compiled_function,
     copy_inputs,
     inputs_on,
     quantize_rows,
@@ -63,6 +65,8 @@ logger = logging.getLogger(__name__)
 
 DECODE_CAPACITY_STEP = 256
 """Masked-layout workspaces hold a multiple of this many rows: one decode graph serves 256 consecutive lengths."""
+DEFAULT_MAX_GRAPHS = 16
+"""CUDA graphs a `CudaMotRunner` keeps (least recently used dropped first)."""
 
 
 def qk_norm_rope_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_weight: torch.Tensor | None,
@@ -123,7 +127,7 @@ class _Kernels:
             return cls(*functions)
         # Default dynamic handling: the first shape compiles static, the next one recompiles with the row
         # dimension symbolic, and that version then serves every size (sizes 0 and 1 get their own).
-        compiled = [torch.compile(f, fullgraph=True) for f in functions]
+        compiled = [compiled_function(f) for f in functions]
         if triton_silu_mul_works():
             compiled[3] = silu_mul_triton
         return cls(*compiled)
@@ -577,27 +581,37 @@ class _CapturedStep:
 class CudaMotRunner:
     """`Runner` of the ``mot`` engine over a `CudaMoT`; outputs are new tensors the caller owns.
 
-    On CUDA, a call whose `StepLayout.graph_key` was seen before (the denoise query of every step after the first,
-    a repeated prefill split) or that is a single-row decode step is captured once as a CUDA graph and replayed
-    afterwards: the feed is copied into the graph's input buffers and its past rows into the graph's workspace, the
-    graph replays, and the outputs are copied out. The first call of a key runs eagerly, the second runs as the
-    graph's warm-up, so no call is computed twice. Graphs share one memory pool and replay on the caller's stream.
+    On CUDA, every call layout (`StepLayout.graph_key`) is captured as a CUDA graph the first time it comes and
+    replayed afterwards: the feed is copied into the graph's input buffers and its past rows into the graph's
+    workspace, the graph replays, and the outputs are copied out. The first call runs on the runner's side stream as
+    the capture's warm-up and returns that result, so no call is computed twice, and every result comes from the
+    same kernels on the same buffers: a request's bytes do not depend on which layouts earlier requests left
+    captured (served t2i requests that ran their first calls eagerly differed by up to 3/255 from those that
+    replayed, measured on an H100). Graphs
+    share one memory pool and replay on the caller's stream.
+
+    A graph's key holds the prompt lengths, so a server meets new keys for as long as it runs: at most ``max_graphs``
+    are kept, the least recently used one is dropped first (its memory returns to the shared pool, where the next
+    capture reuses it), which bounds the memory the graphs hold.
 
     Args:
         spec: the ``mot`` contract (`runtime.spec.contract.engine_specs`).
         model: the fused model.
         graphs: capture CUDA graphs (ignored off CUDA).
+        max_graphs: graphs kept (a t2i request uses 4: a prefill per CFG branch, the denoise query of both branches
+            and of the conditional one alone).
     """
 
     host_inputs = ("past_len", "causal")
     """Read on the host to choose the layout; copied to the device (asynchronously) where the step reads them."""
 
-    def __init__(self, spec: EngineSpec, model: CudaMoT, *, graphs: bool = True) -> None:
+    def __init__(self, spec: EngineSpec, model: CudaMoT, *, graphs: bool = True,
+                 max_graphs: int = DEFAULT_MAX_GRAPHS) -> None:
         self.spec = spec
         self.model = model
         self.graphs = graphs and model.device.type == "cuda"
-        self._captured: dict[tuple, _CapturedStep] = {}
-        self._seen: set[tuple] = set()
+        self.max_graphs = max_graphs
+        self._captured: OrderedDict[tuple, _CapturedStep] = OrderedDict()
         self._graphs = GraphCapture(model.device) if self.graphs else None
 
     @property
@@ -611,7 +625,6 @@ class CudaMotRunner:
     def clear(self) -> None:
         """Drop every captured graph and its buffers (the memory returns to PyTorch's cache)."""
         self._captured.clear()
-        self._seen.clear()
 
     @torch.inference_mode()
     def infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -620,10 +633,10 @@ class CudaMotRunner:
         key = layout.graph_key
         captured = self._captured.get(key)
         if captured is not None:
+            self._captured.move_to_end(key)
             return self._replay(captured, layout, feed)
-        if self.graphs and (layout.masked or key in self._seen):
+        if self.graphs:
             return self._capture(layout, feed)
-        self._seen.add(key)
         workspace = self.model.new_workspace(layout)
         workspace.load_past(layout, feed["past_key"], feed["past_value"])
         logits, velocity = self.model.forward(layout, inputs_on(self.model.device, feed, _STEP_INPUTS), workspace)
@@ -643,6 +656,8 @@ class CudaMotRunner:
         (warm_logits, warm_velocity), graph, (logits, velocity) = self._graphs.capture(
             lambda: self.model.forward(layout, inputs, workspace))
         self._captured[layout.graph_key] = _CapturedStep(graph, inputs, workspace, logits, velocity)
+        while len(self._captured) > self.max_graphs:
+            self._captured.popitem(last=False)
         logger.debug("mot: captured a CUDA graph for %s (%d graphs)", layout.graph_key, len(self._captured))
         # The workspace holds the warm-up's block rows: capturing ran no kernel.
         return self._outputs(layout, warm_logits.clone(), warm_velocity.clone(), workspace)

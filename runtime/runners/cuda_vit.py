@@ -35,7 +35,15 @@ from torch import nn
 
 from runtime.spec.contract import EngineSpec
 from runtime.runners import EngineError, check_feed
-from runtime.runners.cuda_kernels import GraphCapture, add_rms_norm, copy_inputs, inputs_on, rms_norm, silu_mul
+from runtime.runners.cuda_kernels import (
+    GraphCapture,
+    add_rms_norm,
+    compiled,
+    copy_inputs,
+    inputs_on,
+    rms_norm,
+    silu_mul,
+)
 from runtime.models.vit import Qwen25VisionMLP, Qwen25VisionTransformer, VisionConfig, apply_rotary
 
 logger = logging.getLogger(__name__)
@@ -97,7 +105,7 @@ class _TowerKernels:
         functions = (tower_rms_norm, tower_add_rms_norm, rotary_qkv, tower_silu_mul)
         if not compile:
             return cls(*functions)
-        return cls(*(torch.compile(f, fullgraph=True) for f in functions))
+        return cls(*(compiled(f) for f in functions))
 
 
 # --- Segment layout (host side) -----------------------------------------------------------------------------------

@@ -148,6 +148,7 @@ def cuda_engines(specs: Mapping[str, EngineSpec], mot: "CudaMoT", vit: "Qwen25Vi
         mot: the fused LLM.
         vit, vae: the loaded modules, in the compute dtype.
     """
+    from runtime.runners.cuda_kernels import compiled
     from runtime.runners.cuda_mot import CudaMotRunner
     from runtime.runners.cuda_vit import CudaVisionTower, CudaVitRunner
 
@@ -156,7 +157,7 @@ def cuda_engines(specs: Mapping[str, EngineSpec], mot: "CudaMoT", vit: "Qwen25Vi
     return Engines(mot=CudaMotRunner(specs["mot"], mot),
                    vit=CudaVitRunner(specs["vit"], CudaVisionTower(vit, compile=on_cuda)),
                    vae_encode=TorchRunner(specs["vae_encode"], VaeEncodeGraph(vae)),
-                   vae_decode=TorchRunner(specs["vae_decode"], torch.compile(decode) if on_cuda else decode),
+                   vae_decode=TorchRunner(specs["vae_decode"], compiled(decode, fullgraph=False) if on_cuda else decode),
                    vae_encode_first=TorchRunner(specs["vae_encode_first"], VaeEncodeFirstGraph(vae)),
                    vae_encode_chunk=TorchRunner(specs["vae_encode_chunk"], VaeEncodeChunkGraph(vae)),
                    vae_decode_first=TorchRunner(specs["vae_decode_first"], VaeDecodeFirstGraph(vae)),

@@ -1,6 +1,7 @@
 """`lance-trt repo ENGINE_DIR [ENGINE_DIR ...] --checkpoint DIR [--out triton_repo]`: fill a Triton model repository.
+`lance-trt repo --engine-set torch --checkpoint DIR --out DIR`: a GPU repository that needs no TensorRT.
 
-One repository, two config sets (docs/design/serving.md §3):
+The TensorRT engine set: one repository, two config sets (docs/design/serving.md §3):
 
 ```
 <out>/lance/              config.pbtxt        BLS model, decoupled; mot in-process from the TensorRT plan (GPU)
@@ -12,7 +13,14 @@ One repository, two config sets (docs/design/serving.md §3):
 ```
 
 ``tritonserver --model-repository <out>`` serves the GPU set; ``--model-config-name cpu`` (``lance-trt serve --cpu``)
-the CPU set. Every tensor block comes from `runtime.spec.contract`: the engines' from ``contract.triton_io`` (dims from
+the CPU set.
+
+The torch engine set (``--engine-set torch``) is model ``lance`` alone, on ``KIND_GPU``: every engine runs inside it on
+the fast PyTorch CUDA engines (`runtime.runners.factory.cuda_engines`: the fused MoT with CUDA graphs, the compiled
+ViT and VAE decoder), built from the checkpoint; nothing imports TensorRT. It has no CPU set and no child models, so
+it is written into a folder that holds none.
+
+Every tensor block comes from `runtime.spec.contract`: the engines' from ``contract.triton_io`` (dims from
 the specs of the checkpoint's configs), ``lance``'s from ``LANCE_INPUTS``/``LANCE_OUTPUTS``. ``lance``'s parameters
 record where its engine files are, relative to the version folder, so the repository can move. The checkpoint's
 path is in ``lance/1/checkpoint.path`` (relative when inside the repository, absolute otherwise), not in the config:
@@ -28,13 +36,15 @@ Config parameters, written here and parsed back here for the models (`LanceSetti
 path is relative to the model's version folder, a value still reading ``${...}`` counts as unset):
 
 * ``lance``: ``video`` (``true``: the checkpoint's ``Lance_3B_Video`` model, which serves every task;
-  ``false``: ``Lance_3B``, the image tasks); ``mot_runner`` (``tensorrt``, ``onnxruntime``, ``torch``; every in-process
-  engine runs on it); ``<engine>_engine`` per in-process engine (`IN_PROCESS`: ``mot_engine``,
+  ``false``: ``Lance_3B``, the image tasks); ``engine_set`` (``tensorrt``: plans, ``onnxruntime``: the CPU set, both with
+  the child models; ``torch``: every engine in-process, see above); ``<engine>_engine`` per in-process engine (`IN_PROCESS`: ``mot_engine``,
   ``vae_decode_chunk_engine``, ...; a plan or ONNX file; ``<engine>_engine_cc<X.Y>`` overrides it on a GPU of compute
   capability X.Y; only ``mot_engine`` is required, a repository without the video VAE's serves no video task);
   ``precision`` (``fp32``/``bf16``);
   ``vit_model``, ``vae_encode_model``, ``vae_decode_model`` (the children); ``child_timeout_s`` (BLS timeout, 0:
   none); ``threads`` (ONNX Runtime intra-op threads, 0: its default); ``warmup`` (``true``/``false``, default true);
+  torch set only: ``fp8_gen``, ``fp8_fast_accum`` (``true``/``false``: the FP8 gen expert), ``warmup_sizes``
+  (``HxW`` list, space-separated: the image sizes the load-time warm-up requests compile and capture for);
   ``FORCE_CPU_ONLY_INPUT_TENSORS: no`` in the GPU set (the Python backend's own switch).
 * engine stand-ins: ``engine_spec`` (``EngineSpec.to_dict()`` JSON), ``onnx`` (the graph file), ``threads``.
 """
@@ -55,6 +65,7 @@ from runtime.serving.server import CPU_CONFIG_NAME
 from runtime.spec import registry
 from runtime.spec.contract import ENGINES, PRECISIONS, DType, EngineSpec, TensorSpec, triton_io
 from runtime.spec.endpoints import LANCE_MODEL
+from runtime.spec.limits import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
 from runtime.spec.request import LANCE_INPUTS, LANCE_OUTPUTS
 
 logger = logging.getLogger(__name__)
@@ -70,8 +81,10 @@ MODEL_TEMPLATES = {LANCE_MODEL: "lance_model.py", **{model: "engine_model.py" fo
 VERSION = "1"
 DEFAULT_MAX_QUEUE_SIZE = 16
 DEFAULT_CHILD_TIMEOUT_S = 600.0
-GPU_MOT_RUNNERS = tuple(runner for runner in registry.RUNNERS if runner != "onnxruntime")
-"""How ``lance`` runs ``mot`` in the GPU set (ONNX Runtime serves the CPU set)."""
+GPU_ENGINE_SETS = ("tensorrt", "torch")
+"""The GPU config sets `lance-trt repo` writes: TensorRT plans (the production target), or the fast PyTorch CUDA
+engines where no plans exist. ONNX Runtime serves the CPU set."""
+DEFAULT_WARMUP_SIZES = ((1024, 1024),)
 CHECKPOINT_FILE = "checkpoint.path"
 """In ``lance/1/``: the checkpoint's path (one line), where the host side of the pipeline loads from."""
 _INSTALLED_SUFFIXES = (".plan", ".onnx", ".onnx.data", ".json", ".path")
@@ -333,7 +346,6 @@ def _prepare_model(out: Path, model: str) -> Path:
     for stale in version.iterdir():
         if stale.name.endswith(_INSTALLED_SUFFIXES):
             stale.unlink()
-    (out / model / "configs").mkdir(exist_ok=True)
     return version
 
 
@@ -355,40 +367,57 @@ def write_repository(
     *,
     video: bool = False,
     precision: str = "bf16",
-    gpus: Sequence[int] = (0,),
-    mot_runner: str = "tensorrt",
+    gpus: Sequence[int] | None = (0,),
+    engine_set: str = "tensorrt",
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
     threads: int = 0,
     child_timeout_s: float = DEFAULT_CHILD_TIMEOUT_S,
     target: ServingTarget | None = None,
+    fp8_gen: bool = False,
+    fp8_fast_accum: bool = False,
+    warmup_sizes: Sequence[tuple[int, int]] = DEFAULT_WARMUP_SIZES,
 ) -> RepoReport:
-    """Install the engines of ``engine_dirs`` and write both config sets into ``out`` (see the module docstring).
+    """Write a repository of ``engine_set`` into ``out`` (see the module docstring).
 
     Args:
-        engine_dirs: folders written by ``lance-trt export`` (fp32 ONNX: CPU serving) and ``lance-trt build``
-            (``<precision>/<engine>.plan`` + ``.json``: GPU serving); one per GPU architecture.
-        checkpoint: the checkpoint the engines were exported from (host side of the pipeline).
-        out: the repository (created if needed; may be the source ``triton_repo/`` itself).
-        video: the engines are the video model's (``lance-trt export --video``); model ``lance`` then loads
-            ``Lance_3B_Video`` and serves the video tasks as well.
-        precision: the plans' precision (``bf16`` or ``fp32``).
-        gpus: device ids served on GPU (one instance of each model per GPU).
-        mot_runner: ``tensorrt`` (the mot plan) or ``torch`` (the PyTorch module from the checkpoint) in the GPU set.
+        engine_dirs: tensorrt set: folders written by ``lance-trt export`` (fp32 ONNX: CPU serving) and
+            ``lance-trt build`` (``<precision>/<engine>.plan`` + ``.json``: GPU serving); one per GPU architecture.
+            torch set: none.
+        checkpoint: the checkpoint the engines were exported from (host side of the pipeline); the torch set builds
+            every engine from it.
+        out: the repository (created if needed; may be the source ``triton_repo/`` itself for the tensorrt set).
+        video: the checkpoint's video model (``lance-trt export --video`` engines in the tensorrt set); model
+            ``lance`` then loads ``Lance_3B_Video`` and serves the video tasks as well.
+        precision: the plans' precision, or the torch set's compute precision (``bf16`` or ``fp32``).
+        gpus: device ids served on GPU (one instance of each model per GPU). None: torch set only, one CPU instance
+            running the plain PyTorch modules in fp32 (tests and smoke runs of the same serving code).
+        engine_set: `GPU_ENGINE_SETS`: ``tensorrt`` (plans, with the CPU set) or ``torch`` (no TensorRT).
         max_queue_size: requests that may wait for ``lance``; more are refused.
         threads: ONNX Runtime intra-op threads in the CPU set (0: its default, one per core).
         child_timeout_s: BLS timeout of ``lance``'s calls to its children (0: none).
         target: what plans must match (default: `ServingTarget.detect` on ``gpus``).
+        fp8_gen, fp8_fast_accum: torch set: the FP8 gen expert (`runtime.runners.factory.engines_for`).
+        warmup_sizes: torch set: (height, width) of the warm-up requests at load.
     Raises:
         RepoError: no usable engines, a plan refused by its sidecar, a bad checkpoint or option.
     """
     if precision not in PRECISIONS:
         raise RepoError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if mot_runner not in GPU_MOT_RUNNERS:
-        raise RepoError(f"--mot-runner must be one of {', '.join(GPU_MOT_RUNNERS)}, got {mot_runner!r}")
+    if engine_set not in GPU_ENGINE_SETS:
+        raise RepoError(f"--engine-set must be one of {', '.join(GPU_ENGINE_SETS)}, got {engine_set!r}")
     if max_queue_size < 1:
         raise RepoError(f"--max-queue-size must be >= 1, got {max_queue_size}")
-    if not gpus or min(gpus) < 0:
+    if gpus is None and (engine_set != "torch" or precision != "fp32"):
+        raise RepoError("a CPU instance (gpus None) serves the torch set in fp32 only")
+    if gpus is not None and (not gpus or min(gpus) < 0):
         raise RepoError(f"--gpus must list device ids >= 0, got {list(gpus)}")
+    if engine_set == "torch":
+        return _write_torch_set(engine_dirs, checkpoint, out, video=video, precision=precision, gpus=gpus,
+                                max_queue_size=max_queue_size, fp8_gen=fp8_gen, fp8_fast_accum=fp8_fast_accum,
+                                warmup_sizes=warmup_sizes)
+    if fp8_gen or fp8_fast_accum:
+        raise RepoError("--fp8-gen selects the torch engine set's FP8 gen expert; TensorRT plans carry their own "
+                        "precision (lance-trt build)")
     for folder in engine_dirs:
         if not folder.is_dir():
             raise RepoError(f"{folder} is not a folder (an ENGINE_DIR written by lance-trt export / build)")
@@ -396,8 +425,9 @@ def write_repository(
     plans = _find_plans(engine_dirs, precision, specs, target or ServingTarget.detect(gpus))
     graphs = _find_onnx(engine_dirs)
     if graphs is None and not plans["mot"]:
-        raise RepoError(f"no engines in {', '.join(map(str, engine_dirs))}: expected fp32/<engine>.onnx "
-                        f"(lance-trt export) or {precision}/<engine>.plan (lance-trt build)")
+        raise RepoError(f"no engines in {', '.join(map(str, engine_dirs)) or 'no ENGINE_DIR'}: expected "
+                        f"fp32/<engine>.onnx (lance-trt export) or {precision}/<engine>.plan (lance-trt build); "
+                        "without TensorRT, --engine-set torch serves the checkpoint on a GPU")
     report = RepoReport(out)
     if not plans["mot"]:
         report.warnings.append(f"no {precision} plans: config.pbtxt (GPU) names plans that are not installed; "
@@ -409,6 +439,7 @@ def write_repository(
 
     for engine, model in CHILD_MODELS.items():
         version = _prepare_model(out, model)
+        (out / model / "configs").mkdir(exist_ok=True)
         report.plans[engine] = _install_plans(plans[engine], engine, version)
         onnx_file = _install_onnx(graphs[engine], version) if graphs else f"{engine}.onnx"
         (out / model / "config.pbtxt").write_text(
@@ -416,26 +447,68 @@ def write_repository(
         (out / model / "configs" / f"{CPU_CONFIG_NAME}.pbtxt").write_text(
             engine_onnx_config(model, specs[engine], onnx_file, threads))
 
-    version = _prepare_model(out, LANCE_MODEL)
-    (version / CHECKPOINT_FILE).write_text(_relative_to_version(checkpoint, version) + "\n", encoding="utf-8")
+    version = _prepare_lance(out, checkpoint)
+    (out / LANCE_MODEL / "configs").mkdir(exist_ok=True)
     common = {"video": str(video).lower(),
               "child_timeout_s": f"{child_timeout_s:g}",
               **{f"{engine}_model": model for engine, model in CHILD_MODELS.items()}}
-    gpu_params = {**common, "mot_runner": mot_runner, "precision": precision, "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
-    cpu_params = {**common, "mot_runner": "onnxruntime", "precision": "fp32", "threads": str(threads)}
+    gpu_params = {**common, "engine_set": "tensorrt", "precision": precision, "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
+    cpu_params = {**common, "engine_set": "onnxruntime", "precision": "fp32", "threads": str(threads)}
     for engine in IN_PROCESS:
-        if mot_runner == "tensorrt":
-            report.plans[engine] = _install_plans(plans[engine], engine, version)
-            gpu_params[f"{engine}_engine"] = next(iter(report.plans[engine].values()), f"{engine}.plan")
-            if len(report.plans[engine]) > 1:
-                gpu_params |= {f"{engine}_engine_cc{cc}": name for cc, name in report.plans[engine].items()}
+        report.plans[engine] = _install_plans(plans[engine], engine, version)
+        gpu_params[f"{engine}_engine"] = next(iter(report.plans[engine].values()), f"{engine}.plan")
+        if len(report.plans[engine]) > 1:
+            gpu_params |= {f"{engine}_engine_cc{cc}": name for cc, name in report.plans[engine].items()}
         cpu_params[f"{engine}_engine"] = _install_onnx(graphs[engine], version) if graphs else f"{engine}.onnx"
     (out / LANCE_MODEL / "config.pbtxt").write_text(
         lance_config(gpu_params, gpus=gpus, max_queue_size=max_queue_size))
     (out / LANCE_MODEL / "configs" / f"{CPU_CONFIG_NAME}.pbtxt").write_text(
         lance_config(cpu_params, gpus=None, max_queue_size=max_queue_size))
-    report.files = sorted(p for p in out.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return _listed(report)
+
+
+def _prepare_lance(out: Path, checkpoint: Path) -> Path:
+    """``out/lance/1`` with its ``model.py`` and ``checkpoint.path``."""
+    version = _prepare_model(out, LANCE_MODEL)
+    (version / CHECKPOINT_FILE).write_text(_relative_to_version(checkpoint, version) + "\n", encoding="utf-8")
+    return version
+
+
+def _listed(report: RepoReport) -> RepoReport:
+    report.files = sorted(p for p in report.out.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     return report
+
+
+def format_sizes(sizes: Sequence[tuple[int, int]]) -> str:
+    return " ".join(f"{height}x{width}" for height, width in sizes)
+
+
+def _write_torch_set(engine_dirs: Sequence[Path], checkpoint: Path, out: Path, *, video: bool, precision: str,
+                     gpus: Sequence[int] | None, max_queue_size: int, fp8_gen: bool, fp8_fast_accum: bool,
+                     warmup_sizes: Sequence[tuple[int, int]]) -> RepoReport:
+    """Model ``lance`` alone, on ``KIND_GPU``, every engine in-process on the fast PyTorch CUDA engines (on
+    ``KIND_CPU`` the plain modules, where ``gpus`` is None)."""
+    if engine_dirs:
+        raise RepoError(f"--engine-set torch builds every engine from the checkpoint on the GPU: give no ENGINE_DIR "
+                        f"(got {', '.join(map(str, engine_dirs))})")
+    if fp8_fast_accum and not fp8_gen:
+        raise RepoError("--fp8-fast-accum needs --fp8-gen")
+    others = sorted(model for model in CHILD_MODELS.values() if (out / model).exists())
+    if others:
+        raise RepoError(f"{out} holds the models {', '.join(others)} of a TensorRT or CPU repository, which "
+                        "tritonserver would load beside the torch set: write it into a folder of its own (--out)")
+    checkpoint_specs(checkpoint, video)          # every file and key of the checkpoint, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    _prepare_lance(out, checkpoint)
+    # a CPU set left by an earlier repository here would serve this lance on the CPU without its children
+    (out / LANCE_MODEL / "configs" / f"{CPU_CONFIG_NAME}.pbtxt").unlink(missing_ok=True)
+    params = {"video": str(video).lower(), "engine_set": "torch", "precision": precision,
+              "fp8_gen": str(fp8_gen).lower(), "fp8_fast_accum": str(fp8_fast_accum).lower(),
+              "warmup_sizes": format_sizes(warmup_sizes)}
+    if gpus is not None:
+        params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+    (out / LANCE_MODEL / "config.pbtxt").write_text(lance_config(params, gpus=gpus, max_queue_size=max_queue_size))
+    return _listed(RepoReport(out))
 
 
 # --- Reading the parameters back (inside the models) ----------------------------------------------------------
@@ -522,20 +595,39 @@ def check_lance_config(model: str, config: Mapping[str, Any]) -> None:
     check_io(model, config, LANCE_INPUTS, LANCE_OUTPUTS, "fp32")
 
 
+def parse_sizes(model: str, key: str, text: str) -> tuple[tuple[int, int], ...]:
+    """``"1024x1024 768x768"`` -> ((1024, 1024), (768, 768)); each side within the request limits."""
+    sizes = []
+    for item in text.split():
+        height, _, width = item.partition("x")
+        if not (height.isdigit() and width.isdigit()) or not all(
+                MIN_SIZE <= int(side) <= MAX_SIZE and int(side) % SIZE_MULTIPLE == 0 for side in (height, width)):
+            raise ConfigError(f"model {model!r}: parameter {key!r} must list sizes HxW (sides multiples of "
+                              f"{SIZE_MULTIPLE} in [{MIN_SIZE}, {MAX_SIZE}]), got {text!r}")
+        sizes.append((int(height), int(width)))
+    return tuple(sizes)
+
+
 @dataclass(frozen=True)
 class LanceSettings:
     """The parameters of model ``lance`` as `lance_config` writes them (runtime.serving.triton_adapter reads them)."""
 
     checkpoint: Path
     video: bool
-    mot_runner: str
+    engine_set: str
+    """`registry.RUNNERS`: ``tensorrt`` and ``onnxruntime`` run the in-process engines from their files and call the
+    children; ``torch`` runs every engine in-process on the fast CUDA engines."""
     engines: Mapping[str, Path]
-    """The files of the in-process engines (`IN_PROCESS`) that the repository holds; none with ``mot_runner`` torch."""
+    """The files of the in-process engines (`IN_PROCESS`) that the repository holds; none in the torch set."""
     precision: str
     children: Mapping[str, str]
+    """Triton model per engine served on its own; none in the torch set."""
     child_timeout_s: float
     threads: int | None
     warmup: bool
+    warmup_sizes: tuple[tuple[int, int], ...] = DEFAULT_WARMUP_SIZES
+    fp8_gen: bool = False
+    fp8_fast_accum: bool = False
 
     @classmethod
     def parse(cls, model: str, params: Mapping[str, str], folder: Path,
@@ -551,29 +643,41 @@ class LanceSettings:
             checkpoint = ""
         if not checkpoint:
             raise ConfigError(f"model {model!r}: {folder / CHECKPOINT_FILE} names no checkpoint (run lance-trt repo)")
-        runner = parse_choice(model, "mot_runner", params.get("mot_runner", "onnxruntime"),
-                              registry.RUNNERS)
+        engine_set = parse_choice(model, "engine_set", params.get("engine_set", "onnxruntime"), registry.RUNNERS)
+        in_process = engine_set == "torch"
         engines = {}
-        for name in IN_PROCESS if runner != "torch" else ():
+        for name in IN_PROCESS if not in_process else ():
             key = f"{name}_engine"
             if f"{key}_cc{compute_capability}" in params:
                 key = f"{key}_cc{compute_capability}"
             if key in params:
                 engines[name] = resolve_path(folder, params[key])
             elif name == "mot":
-                raise ConfigError(f"model {model!r}: parameter {key!r} is not set (the {runner} mot engine)")
+                raise ConfigError(f"model {model!r}: parameter {key!r} is not set (the {engine_set} mot engine)")
         threads = parse_number(model, "threads", params.get("threads", "0"), int, 0)
+        fp8_gen = parse_bool(model, "fp8_gen", params.get("fp8_gen", "false"))
+        fp8_fast_accum = parse_bool(model, "fp8_fast_accum", params.get("fp8_fast_accum", "false"))
+        if (fp8_gen or fp8_fast_accum) and not in_process:
+            raise ConfigError(f"model {model!r}: parameters 'fp8_gen' and 'fp8_fast_accum' belong to engine_set "
+                              f"torch; the {engine_set} engines carry their own precision")
+        if fp8_fast_accum and not fp8_gen:
+            raise ConfigError(f"model {model!r}: parameter 'fp8_fast_accum' needs 'fp8_gen'")
         return cls(
             checkpoint=resolve_path(folder, checkpoint),
             video=parse_bool(model, "video", params.get("video", "false")),
-            mot_runner=runner,
+            engine_set=engine_set,
             engines=engines,
             precision=parse_choice(model, "precision", params.get("precision", "fp32"), PRECISIONS),
-            children={name: params.get(f"{name}_model", default) for name, default in CHILD_MODELS.items()},
+            children={} if in_process else {name: params.get(f"{name}_model", default)
+                                            for name, default in CHILD_MODELS.items()},
             child_timeout_s=parse_number(model, "child_timeout_s",
                                          params.get("child_timeout_s", str(DEFAULT_CHILD_TIMEOUT_S)), float, 0.0),
             threads=threads or None,
             warmup=parse_bool(model, "warmup", params.get("warmup", "true")),
+            warmup_sizes=parse_sizes(model, "warmup_sizes",
+                                     params.get("warmup_sizes", format_sizes(DEFAULT_WARMUP_SIZES))),
+            fp8_gen=fp8_gen,
+            fp8_fast_accum=fp8_fast_accum,
         )
 
 
@@ -613,22 +717,38 @@ def _gpu_list(text: str) -> list[int]:
     return ids
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        return parse_sizes("lance", "warmup_sizes", text)[0]
+    except (ConfigError, IndexError):
+        raise argparse.ArgumentTypeError(f"HxW with sides multiples of {SIZE_MULTIPLE} in [{MIN_SIZE}, {MAX_SIZE}], "
+                                         f"such as 1024x1024; got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lance-trt repo",
         description="Install exported graphs (and built plans) into a Triton model repository and write its GPU "
-                    "(config.pbtxt) and CPU (configs/cpu.pbtxt) configs.")
+                    "(config.pbtxt) and CPU (configs/cpu.pbtxt) configs; or, with --engine-set torch, a GPU "
+                    "repository that runs the checkpoint on the fast PyTorch CUDA engines (no TensorRT).")
     add = parser.add_argument
-    add("engine_dirs", nargs="+", type=Path, metavar="ENGINE_DIR",
-        help="engine folder from lance-trt export/build; several: one per GPU architecture")
+    add("engine_dirs", nargs="*", type=Path, metavar="ENGINE_DIR",
+        help="engine folder from lance-trt export/build; several: one per GPU architecture (none with "
+             "--engine-set torch)")
     add("--checkpoint", required=True, type=Path, help="the checkpoint the engines were exported from")
     add("--video", action="store_true",
         help="the engines are the video model's (lance-trt export --video): lance then serves every task, video too")
     add("--out", type=Path, default=Path("triton_repo"), help="model repository (default: %(default)s)")
-    add("--precision", choices=PRECISIONS, default="bf16", help="plans to install (default: %(default)s)")
+    add("--precision", choices=PRECISIONS, default="bf16",
+        help="plans to install, or the torch set's compute precision (default: %(default)s)")
     add("--gpus", type=_gpu_list, default=[0], help="GPU ids served, one instance each (default: 0)")
-    add("--mot-runner", choices=GPU_MOT_RUNNERS, default="tensorrt",
-        help="how lance runs mot in the GPU set (default: %(default)s)")
+    add("--engine-set", choices=GPU_ENGINE_SETS, default="tensorrt",
+        help="the GPU set: TensorRT plans, or the fast PyTorch CUDA engines from the checkpoint (default: "
+             "%(default)s)")
+    add("--fp8-gen", action="store_true", help="torch set: FP8 GEMMs for the gen expert")
+    add("--fp8-fast-accum", action="store_true", help="torch set, with --fp8-gen: Hopper's fast FP8 accumulation")
+    add("--warmup-sizes", nargs="+", type=_size, default=list(DEFAULT_WARMUP_SIZES), metavar="HxW",
+        help="torch set: image sizes the load-time warm-up compiles and captures for (default: 1024x1024)")
     add("--max-queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE,
         help="requests that may wait for lance; more are refused (default: %(default)s)")
     add("--threads", type=int, default=0, help="ONNX Runtime threads in the CPU set (default: 0 = one per core)")
@@ -642,19 +762,21 @@ def repo_main(argv: Sequence[str] | None = None) -> int:
     """`lance-trt repo`: 0 on success, 2 when the engines, checkpoint or options cannot make a repository."""
     args = build_parser().parse_args(argv)
     try:
-        target = ServingTarget.detect(args.gpus, args.tensorrt_version)
+        # the torch set has no plans to check, and its path never imports TensorRT
+        target = ServingTarget.detect(args.gpus, args.tensorrt_version) if args.engine_set == "tensorrt" else None
         report = write_repository(
             args.engine_dirs, args.checkpoint, args.out, video=args.video, precision=args.precision, gpus=args.gpus,
-            mot_runner=args.mot_runner, max_queue_size=args.max_queue_size, threads=args.threads,
-            child_timeout_s=args.child_timeout_s, target=target)
+            engine_set=args.engine_set, max_queue_size=args.max_queue_size, threads=args.threads,
+            child_timeout_s=args.child_timeout_s, target=target, fp8_gen=args.fp8_gen,
+            fp8_fast_accum=args.fp8_fast_accum, warmup_sizes=args.warmup_sizes)
     except RepoError as err:
         print(f"lance-trt repo: {err}", file=sys.stderr)
         return 2
-    if report.plans.get("mot") and (target.tensorrt is None or not target.gpus):
+    if target and report.plans.get("mot") and (target.tensorrt is None or not target.gpus):
         report.warnings.append("this machine shows no TensorRT or no GPU: the plans' TensorRT version and GPU were "
                                "not checked here (the lance model and Triton check them at load)")
     for warning in report.warnings:
         print(f"lance-trt repo: warning: {warning}", file=sys.stderr)
-    print(f"{report.out}: {len(report.files)} files; serve with `lance-trt serve --repo {report.out}` (GPU) or "
-          f"`lance-trt serve --cpu --repo {report.out}`")
+    cpu = f" or `lance-trt serve --cpu --repo {report.out}`" if args.engine_set == "tensorrt" else ""
+    print(f"{report.out}: {len(report.files)} files; serve with `lance-trt serve --repo {report.out}` (GPU){cpu}")
     return 0

@@ -171,6 +171,37 @@ def missing_lance_model(repo: Path) -> str | None:
     return None
 
 
+def lance_config_path(repo: Path, config_name: str | None) -> Path:
+    """The config of model ``lance`` that Triton serves: ``configs/<name>.pbtxt`` where it exists, else
+    ``config.pbtxt``."""
+    model = repo / LANCE_MODEL
+    named = model / "configs" / f"{config_name}.pbtxt"
+    return named if config_name and named.is_file() else model / "config.pbtxt"
+
+
+def visible_gpus() -> list[str]:
+    """The NVIDIA GPUs the driver shows (``/proc/driver/nvidia/gpus``: one folder per GPU); empty without a driver."""
+    folder = Path("/proc/driver/nvidia/gpus")
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def config_set_problem(repo: Path, cpu: bool, config_name: str | None) -> str | None:
+    """Why this machine cannot serve the config of ``lance`` that Triton would pick, or None: a ``KIND_GPU`` config
+    under ``--cpu`` (a repository without a CPU set: ``--engine-set torch`` writes none, and Triton falls back to
+    ``config.pbtxt``), or where no GPU is visible (Triton would fail the load deep in its log)."""
+    config = lance_config_path(repo, config_name or (CPU_CONFIG_NAME if cpu else None))
+    if not re.search(r"\bkind\s*:\s*KIND_GPU\b", config.read_text(encoding="utf-8")):
+        return None
+    if cpu:
+        return (f"--cpu: this repository has no CPU set ({repo / LANCE_MODEL / 'configs' / 'cpu.pbtxt'} is missing) "
+                f"and {config} runs lance on a GPU, as `lance-trt repo --engine-set torch` writes it; serve it "
+                "without --cpu on a GPU, or write a CPU repository with `lance-trt repo ENGINE_DIR --checkpoint DIR`")
+    if not visible_gpus():
+        return (f"{config} runs lance on a GPU (KIND_GPU) and this machine shows no NVIDIA GPU "
+                "(/proc/driver/nvidia/gpus is empty or missing); on a CPU serve a repository's CPU set with --cpu")
+    return None
+
+
 def free_port(address: str = "127.0.0.1") -> int:
     """A TCP port that nothing listens on at ``address`` right now."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -462,12 +493,17 @@ class TritonServer:
         ]
 
     def environment(self) -> dict[str, str]:
-        """The server's environment: this interpreter's bin first on PATH, its LIBDIR first on LD_LIBRARY_PATH."""
+        """The server's environment: this interpreter's bin first on PATH; on LD_LIBRARY_PATH its libpython (alone
+        in a folder of its own where the bundled stub runs: the interpreter's LIBDIR, e.g. /usr/lib/x86_64-linux-gnu,
+        can hold other CUDA or cuDNN builds, and LD_LIBRARY_PATH outranks the RUNPATH by which torch finds its own)
+        and the wheel's libraries (its CUDA runtime, under hashed names)."""
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH", "")) if p)
-        libdir = sysconfig.get_config_var("LIBDIR")
-        if libdir:
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+        bundled = _pytriton_dist()
+        private = self._workdir / "lib" if self._workdir is not None else None
+        libs = [str(private) if private is not None and private.is_dir() else sysconfig.get_config_var("LIBDIR") or "",
+                str(bundled.parent.parent / "nvidia_pytriton.libs") if bundled is not None else ""]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (*libs, env.get("LD_LIBRARY_PATH", "")) if p)
         env.update(dict(self.options.env))
         return env
 
@@ -489,6 +525,10 @@ class TritonServer:
         for target in (dist / "backends/python/libtriton_python.so",
                        dist / "backends/python/triton_python_backend_utils.py", stub):
             (python / target.name).symlink_to(target)
+        libpython = Path(sysconfig.get_config_var("LIBDIR") or "/") / (sysconfig.get_config_var("INSTSONAME") or "-")
+        if libpython.is_file():
+            (self._workdir / "lib").mkdir()
+            (self._workdir / "lib" / libpython.name).symlink_to(libpython)
         return python.parent
 
     def start(self, timeout: float = 300.0) -> TritonServer:
@@ -911,6 +951,10 @@ def serve_main(argv: list[str] | None = None) -> int:
     if problem is not None:
         _say(f"{problem}; fill it with `lance-trt repo ENGINE_DIR --checkpoint DIR` "
              f"(or `lance-trt demo` for a tiny CPU demo)")
+        return 2
+    problem = config_set_problem(repo, args.cpu, args.model_config_name)
+    if problem is not None:
+        _say(problem)
         return 2
     try:
         if min(args.max_restarts, args.restart_backoff, args.drain_timeout) < 0:

@@ -2,21 +2,25 @@
 that imports ``triton_python_backend_utils`` (it exists only inside a Triton Python-backend stub).
 
 * `LanceModel` (model ``lance``): parses and checks its config once, builds the same `LancePipeline` the CLI uses --
-  ``mot`` and its KV cache in this process, ``vit``/``vae_encode``/``vae_decode`` as BLS calls to their own Triton
-  models (`runtime.runners.triton_bls.BlsRunner`, built by `runtime.runners.factory`) -- and serves each request in an envelope: response sender ->
-  request tensors -> ``request_from_tensors`` -> ``generate`` (a progress response per denoise step or token, the
-  sender's ``is_cancelled()`` polled between them) -> the final response (image, text or video, plus ``timings``),
-  FINAL always. ``RequestError`` becomes ``INVALID_ARG``, ``Cancelled`` ``CANCELLED``, anything else ``INTERNAL``
-  with a one-line message (the traceback goes to the log only). One request's failure never touches another's.
+  in the TensorRT and CPU sets ``mot`` and its KV cache in this process, ``vit``/``vae_encode``/``vae_decode`` as BLS
+  calls to their own Triton models (`runtime.runners.triton_bls.BlsRunner`, built by `runtime.runners.factory`); in
+  the torch set every engine in this process on the fast CUDA engines -- and serves each request in an envelope:
+  response sender -> request tensors -> ``request_from_tensors`` -> ``generate`` (a progress response per denoise
+  step or token, the sender's ``is_cancelled()`` polled between them) -> the final response (image, text or video,
+  plus ``timings``), FINAL always. ``RequestError`` becomes ``INVALID_ARG``, ``Cancelled`` ``CANCELLED``, anything
+  else ``INTERNAL`` with a one-line message (the traceback goes to the log only). One request's failure never touches
+  another's. `LanceMetrics` puts its counters and gauges on Triton's metrics port.
 * `EngineModel` (``lance_vit``, ``lance_vae_encode``, ``lance_vae_decode`` served on CPU, ``configs/cpu.pbtxt``): the
   fp32 ONNX graph of one engine in ONNX Runtime, with exactly the tensor names and shapes of the ``tensorrt_plan``
   config it stands in for.
 
-Warmup: BLS calls are allowed only inside ``execute``, so ``lance`` cannot push a request through its children in
-``initialize``. It warms what it owns instead -- one ``mot`` call per optimization profile at the profile's smallest
-shapes (TensorRT context creation, ONNX Runtime's first-run allocations) -- before ``initialize`` returns, i.e.
-before Triton reports the model READY. The ``tensorrt_plan`` children warm themselves with ``model_warmup`` in
-their configs (``runtime.serving.repository``).
+Warm-up, before ``initialize`` returns, i.e. before Triton reports the model READY: the torch set owns every engine
+and runs whole requests (`runtime.pipeline.warmup`: t2i and edit at each ``warmup_sizes``, x2t), which compiles and
+captures what the first client request would. BLS calls are allowed only inside ``execute``, so in the other sets
+``lance`` cannot push a request through its children in ``initialize``; it warms what it owns instead -- one ``mot``
+call per optimization profile at the profile's smallest shapes (TensorRT context creation, ONNX Runtime's first-run
+allocations). The ``tensorrt_plan`` children warm themselves with ``model_warmup`` in their configs
+(``runtime.serving.repository``).
 
 Config parameters: `runtime.serving.repository` writes them and parses them back (`LanceSettings`, `EngineSettings`), so
 their spelling lives in one module.
@@ -36,10 +40,18 @@ import triton_python_backend_utils as pb_utils
 from torch.utils import dlpack
 
 from runtime.spec import registry
+from runtime.pipeline.warmup import warm_up as warm_up_requests
 from runtime.spec.contract import sample_inputs
-from runtime.runners import EngineError, Engines, Runner
+from runtime.runners import EngineError, Engines, Runner, loaded_gpu_libraries
 from runtime.spec.request import Cancelled, GenerationResult, RequestError, request_from_tensors
-from runtime.serving.repository import EngineSettings, LanceSettings, check_io, check_lance_config, config_parameters
+from runtime.serving.repository import (
+    ConfigError,
+    EngineSettings,
+    LanceSettings,
+    check_io,
+    check_lance_config,
+    config_parameters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,30 +108,33 @@ def one_line(err: BaseException) -> str:
 
 
 def build_pipeline(settings: LanceSettings, device: torch.device):  # -> runtime.pipeline.LancePipeline
-    """The CLI's `LancePipeline` with the in-process engines (``mot``, the video VAE's chunk steps) in this process
-    and the other engines as BLS calls.
+    """The CLI's `LancePipeline` for the repository's engine set.
 
-    The host side (tokenizer, configs, embedding and position tables) and the engine specs come from the
-    checkpoint, loaded on the CPU (on ``device`` when ``mot`` itself runs from PyTorch); only the host tensors move
+    torch: every engine in this process on the fast CUDA engines, built from the checkpoint on ``device`` (what
+    ``lance-trt run --device cuda`` runs; on a CPU instance the plain modules, as ``--device cpu``). tensorrt, onnxruntime: the in-process engines (``mot``, the video VAE's
+    chunk steps) from their files, the other engines as BLS calls; the host side (tokenizer, configs, embedding and
+    position tables) and the engine specs come from the checkpoint, loaded on the CPU, and only the host tensors move
     to ``device``.
+
+    Raises:
+        ConfigError: the torch set on a CPU instance in bf16 or FP8.
     """
     from runtime.pipeline import LancePipeline, load_host
     from runtime.pipeline.core import PRECISION_DTYPES
     from runtime.runners.factory import bls_runners, file_runner
 
     dtype = PRECISION_DTYPES[settings.precision]
-    own: dict[str, Runner]
-    if settings.mot_runner == "torch":
-        reference = LancePipeline.from_checkpoint(settings.checkpoint, runner="torch", device=device, dtype=dtype,
-                                                  video=settings.video)
-        host = reference.host
-        specs = {name: runner.spec for name, runner in reference.engines.items()}
-        own = {name: runner for name, runner in reference.engines.items() if name not in settings.children}
-    else:
-        # The engines hold the networks: the host side needs only the tokenizer, configs and the embedding.
-        host, specs = load_host(settings.checkpoint, device=device, dtype=dtype, video=settings.video)
-        own = {name: file_runner(settings.mot_runner, specs[name], path, threads=settings.threads, device=device)
-               for name, path in settings.engines.items()}
+    if settings.engine_set == "torch":
+        if device.type != "cuda" and (settings.precision != "fp32" or settings.fp8_gen):
+            raise ConfigError(f"engine_set torch on a CPU instance runs the plain modules in fp32, not "
+                              f"{settings.precision}{' with fp8_gen' if settings.fp8_gen else ''}: make the instance "
+                              "KIND_GPU")
+        return LancePipeline.from_checkpoint(settings.checkpoint, runner="torch", device=device, dtype=dtype,
+                                             fp8_gen=settings.fp8_gen, fp8_fast_accum=settings.fp8_fast_accum,
+                                             video=settings.video)
+    host, specs = load_host(settings.checkpoint, device=device, dtype=dtype, video=settings.video)
+    own = {name: file_runner(settings.engine_set, specs[name], path, threads=settings.threads, device=device)
+           for name, path in settings.engines.items()}
     children = bls_runners(specs, settings.children, pb_utils, precision=settings.precision, device=device,
                            timeout_us=int(settings.child_timeout_s * 1e6))
     return LancePipeline(Engines(**own, **children), host, device=device, dtype=dtype)
@@ -172,21 +187,28 @@ class ResponseStream:
     """The responses of one decoupled request: progress, then exactly one final response or error, then FINAL.
 
     ``close()`` (called in ``finally``) sends a bare FINAL if nothing final went out, so the client always learns
-    that the request is over.
+    that the request is over. ``seconds`` adds up the time the loop spent in progress sends and cancellation polls
+    (each a round trip to the server process).
     """
 
     def __init__(self, sender: Any) -> None:
         self._sender = sender
         self.closed = False
         self.progress_sent = (0, 0)
+        self.seconds = 0.0
 
     def is_cancelled(self) -> bool:
-        return self._sender.is_cancelled()
+        start = time.perf_counter()
+        cancelled = self._sender.is_cancelled()
+        self.seconds += time.perf_counter() - start
+        return cancelled
 
     def progress(self, done: int, total: int) -> None:
+        start = time.perf_counter()
         self._sender.send(pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor("progress", np.array([done, total], dtype=np.int64))]))
         self.progress_sent = (done, total)
+        self.seconds += time.perf_counter() - start
 
     def finish(self, tensors: list[Any]) -> None:
         self._sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
@@ -202,23 +224,58 @@ class ResponseStream:
             self.closed = True
 
 
-class RequestCounter:
-    """The custom Prometheus counter ``lance_requests_total{task, outcome}``: Triton's own counters see a decoupled
-    model's error response as a success (measured on 2.51), so refusals, cancellations and failures are counted here.
-    ``outcome`` is ``ok``, ``invalid_argument``, ``cancelled`` or ``internal``; ``task`` is ``-`` when the request named
-    no known task."""
+class LanceMetrics:
+    """Model ``lance``'s own Prometheus metrics, beside Triton's on the metrics port:
+
+    * ``lance_requests_total{task, outcome}`` (counter): Triton's own counters see a decoupled model's error response
+      as a success (measured on 2.51), so refusals, cancellations and failures are counted here. ``outcome`` is
+      ``ok``, ``invalid_argument``, ``cancelled`` or ``internal``; ``task`` is ``-`` when the request named no known
+      task.
+    * ``lance_stage_seconds_total{task, stage}`` (counter): the pipeline's stage timings of successful requests
+      (``prefill``, ``denoise``, ``vit``, ``vae_encode``, ``vae_decode``, ...); over ``lance_requests_total`` the mean
+      per request.
+    * ``lance_gpu_memory_bytes{kind}`` (gauge, GPU instances): PyTorch's ``allocated``, ``reserved`` and
+      ``peak_allocated`` bytes on the instance's GPU after the latest request.
+    * ``lance_load_seconds{phase}`` (gauge): ``build`` (checkpoint and engines) and ``warmup`` at load.
+    """
 
     def __init__(self) -> None:
-        self._family = pb_utils.MetricFamily(name="lance_requests_total",
-                                             description="Lance requests by task and outcome",
-                                             kind=pb_utils.MetricFamily.COUNTER)
-        self._metrics: dict[tuple[str, str], Any] = {}
+        family = pb_utils.MetricFamily
+        self._families = {
+            "requests": family(name="lance_requests_total", description="Lance requests by task and outcome",
+                               kind=family.COUNTER),
+            "stages": family(name="lance_stage_seconds_total", description="Seconds spent per pipeline stage",
+                             kind=family.COUNTER),
+            "memory": family(name="lance_gpu_memory_bytes", description="PyTorch GPU memory of the lance instance",
+                             kind=family.GAUGE),
+            "load": family(name="lance_load_seconds", description="Seconds the lance instance took to load",
+                           kind=family.GAUGE),
+        }
+        self._metrics: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+
+    def _metric(self, family: str, **labels: str) -> Any:
+        key = (family, tuple(sorted(labels.items())))
+        if key not in self._metrics:
+            self._metrics[key] = self._families[family].Metric(labels=labels)
+        return self._metrics[key]
 
     def count(self, task: str, outcome: str) -> None:
-        key = (task, outcome)
-        if key not in self._metrics:
-            self._metrics[key] = self._family.Metric(labels={"task": task, "outcome": outcome})
-        self._metrics[key].increment(1.0)
+        self._metric("requests", task=task, outcome=outcome).increment(1.0)
+
+    def stages(self, task: str, timings: Mapping[str, float]) -> None:
+        for stage, seconds in timings.items():
+            self._metric("stages", task=task, stage=stage).increment(seconds)
+
+    def memory(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            return
+        for kind, value in (("allocated", torch.cuda.memory_allocated(device)),
+                            ("reserved", torch.cuda.memory_reserved(device)),
+                            ("peak_allocated", torch.cuda.max_memory_allocated(device))):
+            self._metric("memory", kind=kind).set(float(value))
+
+    def load(self, phase: str, seconds: float) -> None:
+        self._metric("load", phase=phase).set(seconds)
 
 
 class LanceModel:
@@ -235,16 +292,30 @@ class LanceModel:
             torch.cuda.set_device(self.device)  # the instance's GPU for every library's default allocations
             capability = "{}.{}".format(*torch.cuda.get_device_capability(self.device))
         self.settings = LanceSettings.parse(self.name, config_parameters(config), _version_folder(args), capability)
+        self.metrics = LanceMetrics()
         start = time.perf_counter()
         self.pipeline = build_pipeline(self.settings, self.device)
-        logger.info("model %s: pipeline on %s (%s, %s model, in-process engines via %s %s, children %s) in %.1f s",
-                    self.name, self.device, self.settings.precision, "video" if self.settings.video else "image",
-                    self.settings.mot_runner, {name: str(path) for name, path in self.settings.engines.items()},
-                    dict(self.settings.children), time.perf_counter() - start)
+        self.metrics.load("build", time.perf_counter() - start)
+        logger.info("model %s: torch %s, GPU libraries %s", self.name, torch.__version__, loaded_gpu_libraries())
+        logger.info("model %s: pipeline on %s (%s, %s model, engine set %s, in-process engine files %s, children %s) "
+                    "in %.1f s", self.name, self.device, self.settings.precision,
+                    "video" if self.settings.video else "image", self.settings.engine_set,
+                    {name: str(path) for name, path in self.settings.engines.items()}, dict(self.settings.children),
+                    time.perf_counter() - start)
         if self.settings.warmup:
+            start = time.perf_counter()
+            self._warm_up()
+            self.metrics.load("warmup", time.perf_counter() - start)
+        self.metrics.memory(self.device)
+
+    def _warm_up(self) -> None:
+        """The torch set runs whole requests (it owns every engine); the others warm ``mot`` per profile (BLS calls
+        to the children are allowed only inside ``execute``)."""
+        if self.settings.engine_set == "torch":
+            warm_up_requests(self.pipeline, self.settings.warmup_sizes)
+        else:
             with torch.inference_mode():
                 warm_up(self.pipeline.engines.mot, self.settings.precision, self.device)
-        self.counter = RequestCounter()
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -263,25 +334,32 @@ class LanceModel:
             generation = request_from_tensors(arrays)
             result = self.pipeline.generate(generation, on_progress=stream.progress,
                                             is_cancelled=stream.is_cancelled)
+            result.timings["progress_ipc"] = stream.seconds
             result.timings["total"] = time.perf_counter() - start
             stream.finish(result_tensors(result))
-            self.counter.count(task, "ok")
+            self.metrics.count(task, "ok")
+            self.metrics.stages(task, result.timings)
             logger.info("request %s: %s done in %.2f s", request_id, task, result.timings["total"])
         except RequestError as err:
             logger.info("request %s: refused: %s", request_id, err)
             stream.fail(str(err), pb_utils.TritonError.INVALID_ARG)
-            self.counter.count(task, "invalid_argument")
+            self.metrics.count(task, "invalid_argument")
         except Cancelled:
             done, total = stream.progress_sent
             logger.info("request %s: cancelled after step %d of %d; stopped", request_id, done, total)
             stream.fail("the request was cancelled", pb_utils.TritonError.CANCELLED)
-            self.counter.count(task, "cancelled")
+            self.metrics.count(task, "cancelled")
         except Exception as err:  # noqa: BLE001 - the envelope turns every failure into this request's error
             logger.exception("request %s failed", request_id)
             stream.fail(one_line(err), pb_utils.TritonError.INTERNAL)
-            self.counter.count(task, "internal")
+            self.metrics.count(task, "internal")
         finally:
             stream.close()
+            if self.device.type == "cuda":
+                # the request's transient blocks go back to the driver once it is answered, so the process holds
+                # the weights, the captured graphs and the next request's working set, not every size seen so far
+                torch.cuda.empty_cache()
+            self.metrics.memory(self.device)
 
     def finalize(self) -> None:
         logger.info("model %s: unloading", getattr(self, "name", "lance"))
