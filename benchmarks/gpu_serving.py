@@ -335,7 +335,8 @@ def concurrency(client: Any, fields: dict[str, Any], clients: int) -> dict[str, 
     t0 = time.perf_counter()
     sequential = {seed: Timed(client, {**fields, "seed": seed}) for seed in seeds}
     sequential_s = time.perf_counter() - t0
-    return {"clients": clients, "concurrent_wall_s": round(concurrent_s, 2), "sequential_wall_s": round(sequential_s, 2),
+    return {"clients": clients, "concurrent_wall_s": round(concurrent_s, 2),
+            "sequential_wall_s": round(sequential_s, 2),
             "errors": [run.error_text for run in (*runs.values(), *sequential.values()) if run.error],
             "identical": {seed: bool(runs[seed].result is not None and sequential[seed].result is not None
                                      and np.array_equal(runs[seed].result.image, sequential[seed].result.image))

@@ -587,8 +587,7 @@ class CudaMotRunner:
     the capture's warm-up and returns that result, so no call is computed twice, and every result comes from the
     same kernels on the same buffers: a request's bytes do not depend on which layouts earlier requests left
     captured (served t2i requests that ran their first calls eagerly differed by up to 3/255 from those that
-    replayed, measured on an H100). Graphs
-    share one memory pool and replay on the caller's stream.
+    replayed, measured on an H100). Graphs share one memory pool and replay on the caller's stream.
 
     A graph's key holds the prompt lengths, so a server meets new keys for as long as it runs: at most ``max_graphs``
     are kept, the least recently used one is dropped first (its memory returns to the shared pool, where the next

@@ -36,9 +36,9 @@ Config parameters, written here and parsed back here for the models (`LanceSetti
 path is relative to the model's version folder, a value still reading ``${...}`` counts as unset):
 
 * ``lance``: ``video`` (``true``: the checkpoint's ``Lance_3B_Video`` model, which serves every task;
-  ``false``: ``Lance_3B``, the image tasks); ``engine_set`` (``tensorrt``: plans, ``onnxruntime``: the CPU set, both with
-  the child models; ``torch``: every engine in-process, see above); ``<engine>_engine`` per in-process engine (`IN_PROCESS`: ``mot_engine``,
-  ``vae_decode_chunk_engine``, ...; a plan or ONNX file; ``<engine>_engine_cc<X.Y>`` overrides it on a GPU of compute
+  ``false``: ``Lance_3B``, the image tasks); ``engine_set`` (``tensorrt``: plans, ``onnxruntime``: the CPU set, both
+  with the child models; ``torch``: every engine in-process, see above); ``<engine>_engine`` per in-process engine
+  (`IN_PROCESS`: ``mot_engine``, ``vae_decode_chunk_engine``, ...; a plan or ONNX file; ``<engine>_engine_cc<X.Y>`` overrides it on a GPU of compute
   capability X.Y; only ``mot_engine`` is required, a repository without the video VAE's serves no video task);
   ``precision`` (``fp32``/``bf16``);
   ``vit_model``, ``vae_encode_model``, ``vae_decode_model`` (the children); ``child_timeout_s`` (BLS timeout, 0:

@@ -111,10 +111,10 @@ def build_pipeline(settings: LanceSettings, device: torch.device):  # -> runtime
     """The CLI's `LancePipeline` for the repository's engine set.
 
     torch: every engine in this process on the fast CUDA engines, built from the checkpoint on ``device`` (what
-    ``lance-trt run --device cuda`` runs; on a CPU instance the plain modules, as ``--device cpu``). tensorrt, onnxruntime: the in-process engines (``mot``, the video VAE's
-    chunk steps) from their files, the other engines as BLS calls; the host side (tokenizer, configs, embedding and
-    position tables) and the engine specs come from the checkpoint, loaded on the CPU, and only the host tensors move
-    to ``device``.
+    ``lance-trt run --device cuda`` runs; on a CPU instance the plain modules, as ``--device cpu``).
+    tensorrt, onnxruntime: the in-process engines (``mot``, the video VAE's chunk steps) from their files, the other
+    engines as BLS calls; the host side (tokenizer, configs, embedding and position tables) and the engine specs come
+    from the checkpoint, loaded on the CPU, and only the host tensors move to ``device``.
 
     Raises:
         ConfigError: the torch set on a CPU instance in bf16 or FP8.
