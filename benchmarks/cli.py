@@ -19,6 +19,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                                              "(docs/benchmarks.md)"),
     "serving": ("benchmarks.gpu_serving:main", "tritonserver with the torch engine set on a GPU vs the in-process "
                                                "pipeline, through gRPC (docs/benchmarks.md)"),
+    "scaleout": ("benchmarks.scaleout_model:main", "on paper: t2i latency and throughput at 8 GPUs and 8 nodes from "
+                                                   "the one-GPU figures (docs/deploy.md)"),
 }
 
 

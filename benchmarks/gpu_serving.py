@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--cancel-at", type=int, default=10, help="the progress step at which the client cancels")
     add("--memory-requests", type=int, default=20)
     add("--fp8-gen", action="store_true", help="the FP8 gen expert in both paths")
+    add("--cfg-pair", action="store_true",
+        help="serve each request's CFG branches on two GPUs (0 and 1; two CPU processes with --device cpu), against "
+             "the in-process pipeline on one")
     add("--tiny", action="store_true", help="tiny configs (smoke run)")
     add("--device", default="cuda")
     add("--out", type=Path, help="JSON results file (default: WORK/serving.json)")
@@ -276,8 +279,8 @@ def phase_serve(args: argparse.Namespace, report: dict[str, Any], save: Callable
     repo = args.work / "repo"
     on_cpu = args.device == "cpu"        # the smoke run: the torch set on a CPU instance (plain modules, fp32)
     write_repository([], args.work / "ckpt", repo, engine_set="torch", fp8_gen=args.fp8_gen,
-                     warmup_sizes=[(args.size, args.size)], gpus=None if on_cpu else (0,),
-                     precision="fp32" if on_cpu else "bf16")
+                     warmup_sizes=[(args.size, args.size)], gpus=None if on_cpu else (0, 1) if args.cfg_pair else (0,),
+                     precision="fp32" if on_cpu else "bf16", cfg_pair=args.cfg_pair)
     log_path = args.work / "server.log"
     memory_idle = gpu_memory_used_mib()
     server = TritonServer(repo, ServerOptions(cpu=on_cpu, stub_timeout_seconds=1200), log_path=log_path)
@@ -401,6 +404,10 @@ def table(result: dict[str, Any]) -> str:
                  f"{[c['identical'] for c in t2i['vs_inprocess']]}",
                  *(f"served {name} {served[name]['wall_ms']} ms, identical {served[name]['vs_inprocess']['identical']}"
                    for name in ("x2t", "edit")),
+                 f"denoise stage of the last t2i: served {t2i['stages_s']['denoise']:.3f} s, in-process "
+                 f"{local['t2i']['stages_s']['denoise']:.3f} s (in-process / served "
+                 f"{local['t2i']['stages_s']['denoise'] / t2i['stages_s']['denoise']:.2f}x"
+                 f"{', the CFG pair against one device' if '--cfg-pair' in result['argv'] else ''})",
                  f"concurrency: {served['concurrency']['identical']}, errors {served['concurrency']['errors']}",
                  f"cancel: client at step {served['cancel']['client_cancelled_at_step']}, server stopped after "
                  f"{served['cancel']['server_stopped_after_step']}, next request identical "

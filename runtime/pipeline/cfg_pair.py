@@ -8,6 +8,9 @@ keep the same latents. On a step without CFG rank 0 computes the conditional vel
 result is the request's; rank 1 computes the same latents and its result is discarded. The collectives run on the
 process group's backend: NCCL between GPUs, gloo between CPU processes (tests/test_cfg_pair.py).
 
+Cancellation is agreed, not local: at every progress check rank 0 broadcasts whether its request was cancelled
+(`CfgPair.agreed`), so both ranks stop at the same step and no collective is left waiting for the other rank.
+
 The images equal one device's within the precision's tolerance, not bit for bit: one branch per call instead of two
 batched changes the kernels' blocking.
 """
@@ -15,7 +18,7 @@ batched changes the kernels' blocking.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -49,10 +52,28 @@ class CfgPair:
         dist.all_gather(gathered, velocity.contiguous(), group=self.group)
         return torch.cat(gathered)
 
+    def agreed(self, is_cancelled: Callable[[], bool] | None) -> Callable[[], bool]:
+        """The cancellation check both ranks call at the same points: rank 0 asks ``is_cancelled`` and broadcasts the
+        answer, rank 1 (whose own check is ignored) receives it."""
+        def check() -> bool:
+            flag = torch.tensor([self.rank == COND and is_cancelled is not None and bool(is_cancelled())],
+                                device=self._device())
+            dist.broadcast(flag, src=self._global(COND), group=self.group)
+            return bool(flag.item())
+        return check
+
     def share(self, velocity: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         """Rank 0's conditional velocity on both ranks (a step without CFG); rank 1 passes None and gets a tensor
         shaped and typed like ``like``."""
         out = velocity.contiguous() if self.rank == COND else torch.empty_like(like)
-        dist.broadcast(out, src=dist.get_global_rank(self.group, COND) if self.group is not None else COND,
-                       group=self.group)
+        dist.broadcast(out, src=self._global(COND), group=self.group)
         return out
+
+    def _global(self, rank: int) -> int:
+        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
+
+    def _device(self) -> torch.device:
+        """Where a collective's small tensors live: NCCL moves only CUDA tensors (this process's current GPU)."""
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")

@@ -110,11 +110,13 @@ class LancePipeline:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, *, runner: str = "torch", engine_dir: str | Path | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        fp8_gen: bool = False, fp8_fast_accum: bool = False, video: bool = False) -> "LancePipeline":
+                        fp8_gen: bool = False, fp8_fast_accum: bool = False, video: bool = False,
+                        cfg_pair: CfgPair | None = None) -> "LancePipeline":
         """Load a checkpoint (folder in the HF layout or repo id) and build the engines of ``runner``: the PyTorch
         modules for ``torch`` (the fast CUDA engines on a GPU, `runtime.runners.factory.engines_for`), the graphs or
         plans in ``engine_dir`` otherwise (then only the host side is loaded). ``fp8_gen``, ``fp8_fast_accum``: see
-        ``engines_for``. ``video``: the video model (``Lance_3B_Video``), which the video tasks need."""
+        ``engines_for``. ``video``: the video model (``Lance_3B_Video``), which the video tasks need. ``cfg_pair``: this
+        process's rank of a CFG pair."""
         from runtime.models.checkpoint import load_lance
         from runtime.spec.contract import engine_specs
         from runtime.runners.factory import engines_for
@@ -136,7 +138,7 @@ class LancePipeline:
             host, specs = load_host(checkpoint, device=device, dtype=dtype, video=video)
             engines = engines_for(runner, Path(engine_dir), specs=specs, precision=_precision(dtype),
                                   fp8_gen=fp8_gen)
-        return cls(engines, host, device=device, dtype=dtype)
+        return cls(engines, host, device=device, dtype=dtype, cfg_pair=cfg_pair)
 
     # --- entry point ------------------------------------------------------------------------------------------------
 
@@ -146,10 +148,18 @@ class LancePipeline:
         request.validate()
         self.check_task(request)
         run = registered(registry.TASKS[request.task].run)
+        if self.pairs(request):
+            is_cancelled = self.cfg_pair.agreed(is_cancelled)   # both ranks stop at the same step
         timings: dict[str, float] = {}
         with torch.inference_mode():
             outputs = run(self, request, Progress(on_progress, is_cancelled), timings)
         return GenerationResult(**outputs, timings=timings)
+
+    def pairs(self, request: GenerationRequest) -> bool:
+        """Whether ``request`` runs on both ranks of this pipeline's CFG pair: a task that denoises latents, with
+        text CFG on. The other requests (x2t, CFG scale 1) run on this process alone."""
+        return (self.cfg_pair is not None and registry.TASKS[request.task].output != "text"
+                and request.cfg_scale > 1.0)
 
     def check_task(self, request: GenerationRequest) -> None:
         """Refuse a request this pipeline cannot run: its task's engines are not all bound, or it needs the video model
@@ -323,7 +333,7 @@ class LancePipeline:
         renormalisation still measures the velocity of the whole block, as upstream's."""
         use_cfg = request.cfg_scale > 1.0
         branches = [cond_branch(plan)] + ([cfg_text_branch(plan)] if use_cfg else [])
-        pair = self.cfg_pair if use_cfg else None
+        pair = self.cfg_pair if self.pairs(request) else None
         if pair is not None:
             branches = branches[pair.rank:pair.rank + 1]       # this rank's branch only
         cache = self.new_cache(max(b.context_length for b in branches), batch=len(branches))

@@ -44,7 +44,9 @@ path is relative to the model's version folder, a value still reading ``${...}``
   ``vit_model``, ``vae_encode_model``, ``vae_decode_model`` (the children); ``child_timeout_s`` (BLS timeout, 0:
   none); ``threads`` (ONNX Runtime intra-op threads, 0: its default); ``warmup`` (``true``/``false``, default true);
   torch set only: ``fp8_gen``, ``fp8_fast_accum`` (``true``/``false``: the FP8 gen expert), ``warmup_sizes``
-  (``HxW`` list, space-separated: the image sizes the load-time warm-up requests compile and capture for);
+  (``HxW`` list, space-separated: the image sizes the load-time warm-up requests compile and capture for),
+  ``cfg_pair`` (``DEVICE=PARTNER`` list, space-separated, ``cuda:0=cuda:1 cuda:2=cuda:3`` or ``cpu=cpu``: the
+  instance on DEVICE runs each request's cfg_text branch on PARTNER, `runtime.serving.cfg_partner`; absent: off);
   ``FORCE_CPU_ONLY_INPUT_TENSORS: no`` in the GPU set (the Python backend's own switch).
 * engine stand-ins: ``engine_spec`` (``EngineSpec.to_dict()`` JSON), ``onnx`` (the graph file), ``threads``.
 """
@@ -376,6 +378,7 @@ def write_repository(
     fp8_gen: bool = False,
     fp8_fast_accum: bool = False,
     warmup_sizes: Sequence[tuple[int, int]] = DEFAULT_WARMUP_SIZES,
+    cfg_pair: bool = False,
 ) -> RepoReport:
     """Write a repository of ``engine_set`` into ``out`` (see the module docstring).
 
@@ -398,6 +401,8 @@ def write_repository(
         target: what plans must match (default: `ServingTarget.detect` on ``gpus``).
         fp8_gen, fp8_fast_accum: torch set: the FP8 gen expert (`runtime.runners.factory.engines_for`).
         warmup_sizes: torch set: (height, width) of the warm-up requests at load.
+        cfg_pair: torch set: CFG across two devices per request; ``gpus`` pair up in order (an instance on the first
+            of each pair, its partner the second), or with ``gpus`` None two CPU processes.
     Raises:
         RepoError: no usable engines, a plan refused by its sidecar, a bad checkpoint or option.
     """
@@ -414,7 +419,9 @@ def write_repository(
     if engine_set == "torch":
         return _write_torch_set(engine_dirs, checkpoint, out, video=video, precision=precision, gpus=gpus,
                                 max_queue_size=max_queue_size, fp8_gen=fp8_gen, fp8_fast_accum=fp8_fast_accum,
-                                warmup_sizes=warmup_sizes)
+                                warmup_sizes=warmup_sizes, cfg_pair=cfg_pair)
+    if cfg_pair:
+        raise RepoError("--cfg-pair is an option of the torch engine set (--engine-set torch)")
     if fp8_gen or fp8_fast_accum:
         raise RepoError("--fp8-gen selects the torch engine set's FP8 gen expert; TensorRT plans carry their own "
                         "precision (lance-trt build)")
@@ -479,20 +486,35 @@ def _listed(report: RepoReport) -> RepoReport:
     return report
 
 
+def cfg_partners(gpus: Sequence[int] | None) -> dict[str, str]:
+    """The CFG pairs of ``--gpus`` in order (``0,1,2,3``: cuda:0 with cuda:1, cuda:2 with cuda:3); None: two CPU
+    processes (``cpu=cpu``).
+
+    Raises:
+        RepoError: an odd number of GPUs or one listed twice.
+    """
+    if gpus is None:
+        return {"cpu": "cpu"}
+    if len(gpus) % 2 or len(set(gpus)) != len(gpus):
+        raise RepoError(f"--cfg-pair pairs up --gpus in order: list an even number of distinct GPUs, got {list(gpus)}")
+    return {f"cuda:{own}": f"cuda:{partner}" for own, partner in zip(gpus[0::2], gpus[1::2])}
+
+
 def format_sizes(sizes: Sequence[tuple[int, int]]) -> str:
     return " ".join(f"{height}x{width}" for height, width in sizes)
 
 
 def _write_torch_set(engine_dirs: Sequence[Path], checkpoint: Path, out: Path, *, video: bool, precision: str,
                      gpus: Sequence[int] | None, max_queue_size: int, fp8_gen: bool, fp8_fast_accum: bool,
-                     warmup_sizes: Sequence[tuple[int, int]]) -> RepoReport:
+                     warmup_sizes: Sequence[tuple[int, int]], cfg_pair: bool) -> RepoReport:
     """Model ``lance`` alone, on ``KIND_GPU``, every engine in-process on the fast PyTorch CUDA engines (on
-    ``KIND_CPU`` the plain modules, where ``gpus`` is None)."""
+    ``KIND_CPU`` the plain modules, where ``gpus`` is None); with ``cfg_pair`` an instance on every other GPU."""
     if engine_dirs:
         raise RepoError(f"--engine-set torch builds every engine from the checkpoint on the GPU: give no ENGINE_DIR "
                         f"(got {', '.join(map(str, engine_dirs))})")
     if fp8_fast_accum and not fp8_gen:
         raise RepoError("--fp8-fast-accum needs --fp8-gen")
+    partners = cfg_partners(gpus) if cfg_pair else {}
     others = sorted(model for model in CHILD_MODELS.values() if (out / model).exists())
     if others:
         raise RepoError(f"{out} holds the models {', '.join(others)} of a TensorRT or CPU repository, which "
@@ -505,8 +527,11 @@ def _write_torch_set(engine_dirs: Sequence[Path], checkpoint: Path, out: Path, *
     params = {"video": str(video).lower(), "engine_set": "torch", "precision": precision,
               "fp8_gen": str(fp8_gen).lower(), "fp8_fast_accum": str(fp8_fast_accum).lower(),
               "warmup_sizes": format_sizes(warmup_sizes)}
+    if partners:
+        params["cfg_pair"] = " ".join(f"{own}={partner}" for own, partner in partners.items())
     if gpus is not None:
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+        gpus = [int(own.partition(":")[2]) for own in partners] or gpus      # an instance on each pair's first GPU
     (out / LANCE_MODEL / "config.pbtxt").write_text(lance_config(params, gpus=gpus, max_queue_size=max_queue_size))
     return _listed(RepoReport(out))
 
@@ -608,6 +633,24 @@ def parse_sizes(model: str, key: str, text: str) -> tuple[tuple[int, int], ...]:
     return tuple(sizes)
 
 
+def parse_pairs(model: str, key: str, text: str) -> dict[str, str]:
+    """``DEVICE=PARTNER`` pairs, space-separated, of ``cpu`` or ``cuda:N`` devices, each device in one pair and a pair
+    on one kind of device."""
+    pairs, seen = {}, []
+    for item in text.split():
+        own, _, partner = item.partition("=")
+        devices = (own, partner)
+        kinds = {device.partition(":")[0] for device in devices}
+        valid = all(device == "cpu" or (device.startswith("cuda:") and device[5:].isdigit()) for device in devices)
+        if not valid or len(kinds) != 1 or (kinds == {"cuda"} and own == partner) or own in pairs or (
+                kinds == {"cuda"} and set(devices) & set(seen)):
+            raise ConfigError(f"model {model!r}: parameter {key!r} must list DEVICE=PARTNER pairs (cuda:0=cuda:1, "
+                              f"each GPU in one pair, or cpu=cpu), got {text!r}")
+        pairs[own] = partner
+        seen += devices
+    return pairs
+
+
 @dataclass(frozen=True)
 class LanceSettings:
     """The parameters of model ``lance`` as `lance_config` writes them (runtime.serving.triton_adapter reads them)."""
@@ -628,6 +671,21 @@ class LanceSettings:
     warmup_sizes: tuple[tuple[int, int], ...] = DEFAULT_WARMUP_SIZES
     fp8_gen: bool = False
     fp8_fast_accum: bool = False
+    cfg_pair: Mapping[str, str] = field(default_factory=dict)
+    """Instance device -> the device of its CFG partner (``cuda:0`` -> ``cuda:1``); empty: no CFG pairs."""
+
+    def cfg_partner(self, model: str, device: str) -> str | None:
+        """The partner device of the instance on ``device``, or None without CFG pairs.
+
+        Raises:
+            ConfigError: CFG pairs are configured, but none for ``device``.
+        """
+        if not self.cfg_pair:
+            return None
+        if device not in self.cfg_pair:
+            raise ConfigError(f"model {model!r}: parameter 'cfg_pair' names no partner for the instance on {device} "
+                              f"(pairs: {', '.join(f'{a}={b}' for a, b in self.cfg_pair.items())})")
+        return self.cfg_pair[device]
 
     @classmethod
     def parse(cls, model: str, params: Mapping[str, str], folder: Path,
@@ -662,6 +720,9 @@ class LanceSettings:
                               f"torch; the {engine_set} engines carry their own precision")
         if fp8_fast_accum and not fp8_gen:
             raise ConfigError(f"model {model!r}: parameter 'fp8_fast_accum' needs 'fp8_gen'")
+        cfg_pair = parse_pairs(model, "cfg_pair", params.get("cfg_pair", ""))
+        if cfg_pair and not in_process:
+            raise ConfigError(f"model {model!r}: parameter 'cfg_pair' belongs to engine_set torch")
         return cls(
             checkpoint=resolve_path(folder, checkpoint),
             video=parse_bool(model, "video", params.get("video", "false")),
@@ -678,6 +739,7 @@ class LanceSettings:
                                      params.get("warmup_sizes", format_sizes(DEFAULT_WARMUP_SIZES))),
             fp8_gen=fp8_gen,
             fp8_fast_accum=fp8_fast_accum,
+            cfg_pair=cfg_pair,
         )
 
 
@@ -747,6 +809,9 @@ def build_parser() -> argparse.ArgumentParser:
              "%(default)s)")
     add("--fp8-gen", action="store_true", help="torch set: FP8 GEMMs for the gen expert")
     add("--fp8-fast-accum", action="store_true", help="torch set, with --fp8-gen: Hopper's fast FP8 accumulation")
+    add("--cfg-pair", action="store_true",
+        help="torch set: each request's two CFG branches on two GPUs, --gpus paired up in order (0,1: an instance on "
+             "GPU 0, its partner on GPU 1)")
     add("--warmup-sizes", nargs="+", type=_size, default=list(DEFAULT_WARMUP_SIZES), metavar="HxW",
         help="torch set: image sizes the load-time warm-up compiles and captures for (default: 1024x1024)")
     add("--max-queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE,
@@ -768,7 +833,7 @@ def repo_main(argv: Sequence[str] | None = None) -> int:
             args.engine_dirs, args.checkpoint, args.out, video=args.video, precision=args.precision, gpus=args.gpus,
             engine_set=args.engine_set, max_queue_size=args.max_queue_size, threads=args.threads,
             child_timeout_s=args.child_timeout_s, target=target, fp8_gen=args.fp8_gen,
-            fp8_fast_accum=args.fp8_fast_accum, warmup_sizes=args.warmup_sizes)
+            fp8_fast_accum=args.fp8_fast_accum, warmup_sizes=args.warmup_sizes, cfg_pair=args.cfg_pair)
     except RepoError as err:
         print(f"lance-trt repo: {err}", file=sys.stderr)
         return 2

@@ -43,7 +43,8 @@ from runtime.spec import registry
 from runtime.pipeline.warmup import warm_up as warm_up_requests
 from runtime.spec.contract import sample_inputs
 from runtime.runners import EngineError, Engines, Runner, loaded_gpu_libraries
-from runtime.spec.request import Cancelled, GenerationResult, RequestError, request_from_tensors
+from runtime.spec.request import Cancelled, GenerationResult, RequestError, one_line, request_from_tensors
+from runtime.serving.cfg_partner import PairedPipeline, torch_set_pipeline
 from runtime.serving.repository import (
     ConfigError,
     EngineSettings,
@@ -98,26 +99,22 @@ def _instance_device(args: Mapping[str, str]) -> torch.device:
     return torch.device("cpu")
 
 
-def one_line(err: BaseException) -> str:
-    """The first line of an exception's message, prefixed with its type: what an INTERNAL error tells the client."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
-
-
 # --- Model lance -----------------------------------------------------------------------------------------------
 
 
-def build_pipeline(settings: LanceSettings, device: torch.device):  # -> runtime.pipeline.LancePipeline
+def build_pipeline(model: str, settings: LanceSettings, device: torch.device):  # -> LancePipeline | PairedPipeline
     """The CLI's `LancePipeline` for the repository's engine set.
 
     torch: every engine in this process on the fast CUDA engines, built from the checkpoint on ``device`` (what
-    ``lance-trt run --device cuda`` runs; on a CPU instance the plain modules, as ``--device cpu``).
+    ``lance-trt run --device cuda`` runs; on a CPU instance the plain modules, as ``--device cpu``); with a CFG
+    partner configured for ``device``, a `runtime.serving.cfg_partner.PairedPipeline` (rank 1 on the partner).
     tensorrt, onnxruntime: the in-process engines (``mot``, the video VAE's chunk steps) from their files, the other
     engines as BLS calls; the host side (tokenizer, configs, embedding and position tables) and the engine specs come
     from the checkpoint, loaded on the CPU, and only the host tensors move to ``device``.
 
     Raises:
-        ConfigError: the torch set on a CPU instance in bf16 or FP8.
+        ConfigError: the torch set on a CPU instance in bf16 or FP8; CFG pairs without one for ``device``.
+        PartnerError: the CFG partner failed to start or to load.
     """
     from runtime.pipeline import LancePipeline, load_host
     from runtime.pipeline.core import PRECISION_DTYPES
@@ -129,9 +126,10 @@ def build_pipeline(settings: LanceSettings, device: torch.device):  # -> runtime
             raise ConfigError(f"engine_set torch on a CPU instance runs the plain modules in fp32, not "
                               f"{settings.precision}{' with fp8_gen' if settings.fp8_gen else ''}: make the instance "
                               "KIND_GPU")
-        return LancePipeline.from_checkpoint(settings.checkpoint, runner="torch", device=device, dtype=dtype,
-                                             fp8_gen=settings.fp8_gen, fp8_fast_accum=settings.fp8_fast_accum,
-                                             video=settings.video)
+        partner = settings.cfg_partner(model, str(device))
+        if partner is not None:
+            return PairedPipeline.start(settings, device, torch.device(partner))
+        return torch_set_pipeline(settings, device)
     host, specs = load_host(settings.checkpoint, device=device, dtype=dtype, video=settings.video)
     own = {name: file_runner(settings.engine_set, specs[name], path, threads=settings.threads, device=device)
            for name, path in settings.engines.items()}
@@ -294,7 +292,7 @@ class LanceModel:
         self.settings = LanceSettings.parse(self.name, config_parameters(config), _version_folder(args), capability)
         self.metrics = LanceMetrics()
         start = time.perf_counter()
-        self.pipeline = build_pipeline(self.settings, self.device)
+        self.pipeline = build_pipeline(self.name, self.settings, self.device)
         self.metrics.load("build", time.perf_counter() - start)
         logger.info("model %s: torch %s, GPU libraries %s", self.name, torch.__version__, loaded_gpu_libraries())
         logger.info("model %s: pipeline on %s (%s, %s model, engine set %s, in-process engine files %s, children %s) "
@@ -363,6 +361,8 @@ class LanceModel:
 
     def finalize(self) -> None:
         logger.info("model %s: unloading", getattr(self, "name", "lance"))
+        if isinstance(getattr(self, "pipeline", None), PairedPipeline):
+            self.pipeline.close()
 
 
 # --- Engine stand-ins (CPU) --------------------------------------------------------------------------------------

@@ -112,6 +112,12 @@ class Cancelled(Exception):
     """The client cancelled the request; raised by the pipeline between denoise steps or generated tokens."""
 
 
+def one_line(err: BaseException) -> str:
+    """The first line of an exception's message, prefixed with its type: what an INTERNAL error tells the client."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One Lance request. Defaults are upstream's (``constants``); ``validate()`` checks every field.
