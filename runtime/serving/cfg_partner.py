@@ -191,12 +191,12 @@ class PairedPipeline:
         """`LancePipeline.generate`; a paired request runs on both ranks, the others here alone."""
         request.validate()                    # a refusal here never reaches rank 1
         self.pipeline.check_task(request)
-        if self.partner is not None and self.pipeline.pairs(request):
-            try:
-                self.partner.submit(request)
-            except PartnerError as err:
-                self.go_alone(str(err))         # this request and the next ones run here, both branches batched
-        if self.partner is None or not self.pipeline.pairs(request):
+        if not self.pipeline.pairs(request):   # no CFG, or the pair is broken (`go_alone` clears cfg_pair)
+            return self.pipeline.generate(request, on_progress, is_cancelled)
+        try:
+            self.partner.submit(request)
+        except PartnerError as err:
+            self.go_alone(str(err))             # this request and the next ones run here, both branches batched
             return self.pipeline.generate(request, on_progress, is_cancelled)
         try:
             result = self.pipeline.generate(request, on_progress, is_cancelled)

@@ -531,7 +531,7 @@ def _write_torch_set(engine_dirs: Sequence[Path], checkpoint: Path, out: Path, *
         params["cfg_pair"] = " ".join(f"{own}={partner}" for own, partner in partners.items())
     if gpus is not None:
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
-        gpus = [int(own.partition(":")[2]) for own in partners] or gpus      # an instance on each pair's first GPU
+        gpus = gpus[0::2] if cfg_pair else gpus        # an instance on each pair's first GPU
     (out / LANCE_MODEL / "config.pbtxt").write_text(lance_config(params, gpus=gpus, max_queue_size=max_queue_size))
     return _listed(RepoReport(out))
 
