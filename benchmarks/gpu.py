@@ -52,6 +52,7 @@ from runtime.spec import constants
 from runtime.models.checkpoint import VIDEO_LATENT_FRAMES, parameters_on_meta
 from runtime.spec.contract import PRECISIONS, EngineSpec, engine_specs
 from runtime.runners import Engines, Runner, TorchRunner
+from runtime.runners.cuda_decode import CHUNK, DecodingMotRunner
 from runtime.runners.cuda_mot import CudaMoT, CudaMotRunner
 from runtime.runners.factory import cuda_engines
 from runtime.runners.cuda_vit import CudaVisionTower, CudaVitRunner
@@ -588,7 +589,7 @@ def part_text(ctx: Context) -> None:
     pipeline = LancePipeline(engines, models.host(), device=models.device, dtype=models.dtype)
     pipeline.generate(GenerationRequest("x2t", QUESTION, image=test_image(), max_new_tokens=2))
     prefill = [feed for feed, _ in recorder.calls if feed["und_head"].shape[1] > 1]
-    runner = CudaMotRunner(models.specs["mot"], ctx.fast)
+    runner = DecodingMotRunner(models.specs["mot"], ctx.fast)
     for feed in prefill:
         rows, past = feed["und_head"].shape[1], int(feed["past_len"][0])
         flops = mot_forward_flops(config, und_rows=rows, gen_rows=0, keys=[rows + past], logits_rows=1)
@@ -620,6 +621,13 @@ def part_text(ctx: Context) -> None:
         times = cuda_times(graph.replay, warmup=2, repeat=ctx.args.tokens)
         ctx.rows.append(make_row("text", name, "fast (graph replay)", times, floor_ms=floor_ms,
                                  tokens_per_s=1e3 / statistics.median(times)))
+    loop = runner.greedy_loop(context, ctx.args.tokens, models.host().embed_weight)
+    cos, sin = (torch.zeros(1, ctx.args.tokens, config.head_dim, device=models.device) for _ in range(2))
+    loop.start(past_key[:, :, :context], past_value[:, :, :context], 0, cos, sin, allowed=config.vocab_size)
+    chunks = max(1, ctx.args.tokens // CHUNK - 2)
+    times = [t / CHUNK for t in cuda_times(loop.next_tokens, warmup=2, repeat=chunks)]
+    ctx.rows.append(make_row("text", name, f"fast (device loop, {CHUNK} tokens a graph)", times, floor_ms=floor_ms,
+                             tokens_per_s=1e3 / statistics.median(times)))
     if models.device.type == "cuda":
         eager = CudaMotRunner(models.specs["mot"], ctx.fast, graphs=False)
         n = context + 1

@@ -187,6 +187,9 @@ def _table(checks: dict[str, Any]) -> str:
                  "(reported, not gated)")
     for name, m in checks["fast_vs_bf16_reference"].items():
         lines.append(f"{'fast vs bf16 eager: ' + name:<40} cosine {m['cosine']:.6f}, rel-L2 {m['rel_l2']:.3g}")
+    for choice, c in checks.get("fp8_choices", {}).items():
+        lines.append(f"{'FP8 ' + choice:<40} velocity cosine {c['cosine']:.6f} ({'pass' if c['passes'] else 'FAIL'}), "
+                     f"denoise {c['denoise_ms']:.2f} ms")
     return "\n".join(lines)
 
 
@@ -207,6 +210,36 @@ def _fast_vs_bf16_reference(models: BenchModels, args: argparse.Namespace,
             for key in results["fast"]}
 
 
+def fp8_choices(models: BenchModels, fast: CudaMoT, ref: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Accuracy against speed per choice of FP8 projections: for each ``--fp8-choices`` entry (comma-separated
+    projections of the gen expert, empty for none), the one-step t2i velocity against the fp32 reference (gate
+    `VELOCITY_GATE`) and the median time of that denoise call (both CFG branches, graph replay)."""
+    from benchmarks.gpu import cuda_times
+    from runtime.runners.cuda_mot import CudaMotRunner
+
+    report = {}
+    for choice in args.fp8_choices:
+        projections = tuple(name for name in choice.split(",") if name)
+        model = fast.with_fp8_gen(args.fp8_fast_accum, projections) if projections else fast
+        runner = CudaMotRunner(models.specs["mot"], model)
+        mot = Recorder(runner, keep=("velocity",))
+        engines = reference_engines(models)
+        LancePipeline(Engines(mot=mot, vit=engines.vit, vae_encode=None, vae_decode=engines.vae_decode),
+                      models.host(), device=models.device, dtype=models.dtype).generate(
+            GenerationRequest("t2i", PROMPT, height=args.size, width=args.size, steps=1, seed=1))
+        (feed, outputs), = [(f, o) for f, o in mot.calls if f["latents"].shape[1] > 0]
+        m = metrics(outputs["velocity"].float().cpu(), ref["velocity"])
+        times = cuda_times(lambda: runner.infer(feed), warmup=2, repeat=args.repeat)
+        report[choice or "none (bf16)"] = {**m, "gate": VELOCITY_GATE, "passes": bool(m["cosine"] >= VELOCITY_GATE),
+                                           "denoise_ms": float(np.median(times))}
+        logger.info("FP8 %s: velocity cosine %.6f, denoise %.2f ms", choice or "none", m["cosine"],
+                    report[choice or "none (bf16)"]["denoise_ms"])
+        runner.clear()
+        if models.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return report
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="t2i side for the velocity and end-to-end checks")
@@ -219,6 +252,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="SDPA backend of the fast path's unmasked attention")
     parser.add_argument("--fp8-gen", action="store_true", help="check the fast path with the FP8 gen expert")
     parser.add_argument("--fp8-fast-accum", action="store_true", help="with --fp8-gen: fast FP8 accumulation")
+    parser.add_argument("--fp8-choices", nargs="*", default=[], metavar="PROJECTIONS",
+                        help="also report velocity accuracy and denoise time per set of FP8 gen projections "
+                             "(comma-separated: qkv,o,gate_up,down; '' for none)")
+    parser.add_argument("--repeat", type=int, default=10, help="timed denoise calls per --fp8-choices entry")
     parser.add_argument("--out", type=Path, help="JSON results file")
     parser.add_argument("--tiny", action="store_true", help="tiny configs (a smoke run of the script, CPU allowed)")
     parser.add_argument("--device", default="cuda")
@@ -251,6 +288,8 @@ def gpu_check_main(argv: Sequence[str]) -> int:
     peak = _peak_gib(device)
     checks = compare(ours, ref, _fast_vs_bf16_reference(models, args, fast))
     passed = all(c["passes"] for c in checks.values() if "passes" in c)
+    if args.fp8_choices:
+        checks["fp8_choices"] = fp8_choices(models, fast.mot.model, ref, args)
     report = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device), "torch": torch.__version__, "passed": passed,
               "peak_allocated_gib": {"bf16_fast": peak, "fp32_reference": ref["peak_allocated_gib"]},
               "t2i_seconds": {"bf16_fast": ours["t2i_seconds"], "fp32_reference": ref["t2i_seconds"]},

@@ -371,3 +371,21 @@ def test_benchmark_script_runs_tiny_on_cpu(tmp_path) -> None:
     if fp8:
         row = rows[("denoise forward 256px B=2", "fast fp8-gen (runner.infer)")]
         assert 0.99 <= row["extra"]["velocity_cosine_vs_bf16"] < 1
+
+
+def test_fp8_projections_are_chosen(models) -> None:
+    """The FP8 mode quantizes the gen MLP only (the choice that passes the fp32 gate); any subset can be asked for,
+    the und expert never changes, and unknown names are refused."""
+    from runtime.runners.cuda_kernels import Fp8Weight
+
+    model = models[2].model
+    mlp = model.with_fp8_gen()
+    und, gen = mlp.layers[0]
+    assert isinstance(gen.gate_up_weight, Fp8Weight) and isinstance(gen.down_weight, Fp8Weight)
+    assert not isinstance(gen.qkv_weight, Fp8Weight) and not isinstance(gen.o_weight, Fp8Weight)
+    assert und is model.layers[0][0]
+    attention = model.with_fp8_gen(projections=("qkv", "o")).layers[0][1]
+    assert isinstance(attention.qkv_weight, Fp8Weight) and not isinstance(attention.down_weight, Fp8Weight)
+    assert mlp.with_fp8_gen().layers[0][1].down_weight is gen.down_weight      # FP8 weights are shared, not redone
+    with pytest.raises(ValueError, match="unknown FP8 projections"):
+        model.with_fp8_gen(projections=("mlp",))

@@ -48,7 +48,7 @@ from runtime.pipeline.preprocess import (
 )
 from runtime.pipeline.scheduler import apply_cfg, cfg_active, euler_step, make_schedule
 from runtime.pipeline.sequence import SequencePlan, Split, cfg_text_branch, cond_branch, latent_position_ids
-from runtime.runners import Engines, Runner, to_device
+from runtime.runners import DeviceDecoding, Engines, Runner, to_device
 from runtime.spec import constants, registry
 from runtime.spec.contract import EngineSpec, torch_dtype
 from runtime.spec.limits import FRAMES_STEP, MAX_IMAGE_PIXELS, MAX_SIZE, MAX_TEXT_ROWS
@@ -388,6 +388,8 @@ class LancePipeline:
     def decode_text(self, plan: SequencePlan, cache: KVCache, max_new_tokens: int,
                      progress: "Progress") -> list[int]:
         """Greedy decoding: first input ``"\\n"``, logits past ``len(tokenizer)`` masked, stop at ``<|im_end|>``."""
+        if isinstance(self.engines.mot, DeviceDecoding):
+            return self._decode_on_device(self.engines.mot, plan, cache, max_new_tokens, progress)
         special = self.host.special
         positions = plan.position_ids[:, plan.num_tokens:]
         token, tokens = plan.decode_token_id, []
@@ -405,6 +407,23 @@ class LancePipeline:
                 break
             tokens.append(token)
         return tokens
+
+    def _decode_on_device(self, mot: DeviceDecoding, plan: SequencePlan, cache: KVCache, max_new_tokens: int,
+                          progress: "Progress") -> list[int]:
+        """`decode_text`'s loop run by the engine on its device, a few tokens per host round trip (cancellation and
+        progress are checked per round trip; tokens past the stop token are dropped)."""
+        special = self.host.special
+        past_key, past_value, past_len = cache.past(slice(0, 1))
+        cos, sin = self.host.rope(plan.position_ids[:, plan.num_tokens:plan.num_tokens + max_new_tokens])
+        loop = mot.greedy_loop(int(past_len[0]), max_new_tokens, self.host.embed_weight)
+        loop.start(past_key, past_value, plan.decode_token_id, cos, sin, allowed=special.len)
+        decoded: list[int] = []
+        while len(decoded) < max_new_tokens and special.im_end not in decoded:
+            progress.check()
+            decoded += loop.next_tokens()
+            progress.advance(min(len(decoded), max_new_tokens), max_new_tokens)
+        decoded = decoded[:max_new_tokens]
+        return decoded[:decoded.index(special.im_end)] if special.im_end in decoded else decoded
 
     def decode_image(self, latent: torch.Tensor, lat_h: int, lat_w: int, timings: dict[str, float]) -> np.ndarray:
         """Latent tokens ``(1, h*w, 48)`` -> ``(H, W, 3)`` uint8 with upstream's rounding."""

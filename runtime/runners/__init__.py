@@ -8,7 +8,7 @@ bundle and never branches on the backend; `runtime.runners.factory` is the one p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Mapping, Protocol, runtime_checkable
 
 import torch
 
@@ -30,6 +30,24 @@ class Runner(Protocol):
     def infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the engine on ``feed`` (every input of ``spec`` by name); returns every output by name."""
         ...
+
+
+class DecodeLoop(Protocol):
+    """Greedy decoding of one sequence on the device (`runtime.runners.cuda_decode.GreedyLoop`)."""
+
+    def start(self, past_key: torch.Tensor, past_value: torch.Tensor, token: int, cos: torch.Tensor,
+              sin: torch.Tensor, allowed: int) -> None: ...
+
+    def next_tokens(self) -> list[int]:
+        """Decode the next few tokens (the stop token included, and possibly some past it)."""
+        ...
+
+
+@runtime_checkable
+class DeviceDecoding(Protocol):
+    """A ``mot`` runner that can also run x2t's greedy loop on its device (the pipeline then skips its host loop)."""
+
+    def greedy_loop(self, past: int, steps: int, embed: torch.Tensor) -> DecodeLoop: ...
 
 
 GPU_LIBRARIES = ("libcudart", "libcublas", "libcublasLt", "libcudnn", "libnccl")

@@ -67,6 +67,13 @@ DECODE_CAPACITY_STEP = 256
 """Masked-layout workspaces hold a multiple of this many rows: one decode graph serves 256 consecutive lengths."""
 DEFAULT_MAX_GRAPHS = 16
 """CUDA graphs a `CudaMotRunner` keeps (least recently used dropped first)."""
+FP8_PROJECTIONS = ("qkv", "o", "gate_up", "down")
+"""The gen expert's projections `CudaMoT`'s FP8 mode can run as FP8 GEMMs."""
+FP8_GEN_PROJECTIONS = ("gate_up", "down")
+"""The ones the FP8 mode runs in FP8: the MLP. Measured by ``benchmarks.gpu_check --fp8-choices`` (H100, 512 px,
+one step's velocity against fp32; gate 0.995): all four 0.9945 (fails), q/k/v and o alone 0.9968, the MLP alone
+0.9974 (passes) at the speed of all four (denoise 21.6 vs 21.9 ms, bf16 26.2 ms): the attention projections carry
+most of the error and, at these sizes, none of the gain."""
 
 
 def qk_norm_rope_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_weight: torch.Tensor | None,
@@ -161,10 +168,12 @@ class FusedExpert:
     gate_up_weight: torch.Tensor | Fp8Weight
     down_weight: torch.Tensor | Fp8Weight
 
-    def quantized(self) -> "FusedExpert":
-        """This expert with its projections in FP8 (new storage; norms and the bias stay as they are)."""
-        return replace(self, **{name: Fp8Weight.quantize(getattr(self, name))
-                                for name in ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")})
+    def quantized(self, projections: Sequence[str] = FP8_PROJECTIONS) -> "FusedExpert":
+        """This expert with ``projections`` in FP8 (new storage, or the FP8 weights it already has; norms, the bias
+        and the other projections stay as they are)."""
+        weights = {name: getattr(self, f"{name}_weight") for name in projections}
+        return replace(self, **{f"{name}_weight": weight if isinstance(weight, Fp8Weight) else Fp8Weight.quantize(weight)
+                                for name, weight in weights.items()})
 
 
 def _fuse_linears(linears: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -367,9 +376,10 @@ class CudaMoT:
         mot: the loaded model (any device and float dtype; its weights are the compute dtype).
         compile: run the element-wise chains through ``torch.compile`` (CUDA only).
         sdpa_backends: SDPA backends allowed for the unmasked attention (None: PyTorch's choice).
-        fp8_gen: run the gen expert's projections and MLP as FP8 GEMMs (`Fp8Weight`: e4m3, a scale per weight row
-            and per activation row; accumulation in fp32). The gen rows carry nearly all of a denoise step's FLOPs;
-            the und expert (text, decode) stays in the compute dtype. Holds an FP8 copy of the gen weights.
+        fp8_gen: run the gen expert's MLP (`FP8_GEN_PROJECTIONS`) as FP8 GEMMs (`Fp8Weight`: e4m3, a scale per
+            weight row and per activation row; accumulation in fp32). The gen rows carry nearly all of a denoise
+            step's FLOPs; the und expert (text, decode) and the gen attention projections stay in the compute dtype.
+            Holds an FP8 copy of the gen MLP weights.
         fp8_fast_accum: with ``fp8_gen``, Hopper's fast FP8 accumulation (`scaled_linear`).
     """
 
@@ -396,12 +406,15 @@ class CudaMoT:
         logger.info("CudaMoT: %d layers fused on %s (%s), compile=%s, fp8_gen=%s (fast accumulation %s)",
                     len(self.layers), self.device, self.dtype, compile, fp8_gen, fp8_fast_accum)
 
-    def with_fp8_gen(self, fast_accum: bool = False) -> "CudaMoT":
-        """A twin whose gen expert runs FP8 GEMMs (with Hopper's fast accumulation if ``fast_accum``); it shares this
-        model's und weights, norms and kernels, and its FP8 weights if it has them."""
+    def with_fp8_gen(self, fast_accum: bool = False, projections: Sequence[str] = FP8_GEN_PROJECTIONS) -> "CudaMoT":
+        """A twin whose gen expert runs ``projections`` as FP8 GEMMs (with Hopper's fast accumulation if
+        ``fast_accum``); it shares this model's und weights, norms and kernels, and its FP8 weights if it has them
+        (the projections outside ``projections`` must still be in the compute dtype here)."""
+        unknown = set(projections) - set(FP8_PROJECTIONS)
+        if unknown:
+            raise ValueError(f"unknown FP8 projections {sorted(unknown)}; choose from {', '.join(FP8_PROJECTIONS)}")
         twin = copy.copy(self)
-        twin.layers = [(und, gen if isinstance(gen.qkv_weight, Fp8Weight) else gen.quantized())
-                       for und, gen in self.layers]
+        twin.layers = [(und, gen.quantized(projections)) for und, gen in self.layers]
         twin.fp8_gen = True
         twin.fp8_fast_accum = fast_accum
         return twin

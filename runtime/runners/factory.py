@@ -137,7 +137,8 @@ def _torch_engines(source: "LanceModels | str | Path", specs: Mapping[str, Engin
 def cuda_engines(specs: Mapping[str, EngineSpec], mot: "CudaMoT", vit: "Qwen25VisionTransformer",
                  vae: "WanVAE") -> Engines:
     """The fast PyTorch engines over loaded modules on a CUDA device (weights shared with the modules, not copied):
-    `runtime.runners.cuda_mot.CudaMotRunner` on a fused `CudaMoT`, `runtime.runners.cuda_vit.CudaVitRunner` (padded
+    `runtime.runners.cuda_decode.DecodingMotRunner` (a `CudaMotRunner` with x2t's loop on the device) on a fused
+    `CudaMoT`, `runtime.runners.cuda_vit.CudaVitRunner` (padded
     MLP, attention per window, CUDA graphs), the VAE decoder through ``torch.compile`` (its norms, activations and
     layout changes fused around the cuDNN convolutions: 16.8 ms instead of 34.0 at 1024 px on an H100; the first output
     size compiles static, the second recompiles with symbolic sides, which then serves every size; each compile takes
@@ -148,13 +149,13 @@ def cuda_engines(specs: Mapping[str, EngineSpec], mot: "CudaMoT", vit: "Qwen25Vi
         mot: the fused LLM.
         vit, vae: the loaded modules, in the compute dtype.
     """
+    from runtime.runners.cuda_decode import DecodingMotRunner
     from runtime.runners.cuda_kernels import compiled
-    from runtime.runners.cuda_mot import CudaMotRunner
     from runtime.runners.cuda_vit import CudaVisionTower, CudaVitRunner
 
     on_cuda = mot.device.type == "cuda"      # off CUDA (tests, smoke runs) the same engines run uncompiled
     decode = VaeDecodeGraph(vae)
-    return Engines(mot=CudaMotRunner(specs["mot"], mot),
+    return Engines(mot=DecodingMotRunner(specs["mot"], mot),
                    vit=CudaVitRunner(specs["vit"], CudaVisionTower(vit, compile=on_cuda)),
                    vae_encode=TorchRunner(specs["vae_encode"], VaeEncodeGraph(vae)),
                    vae_decode=TorchRunner(specs["vae_decode"],
