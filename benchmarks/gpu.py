@@ -621,9 +621,9 @@ def part_text(ctx: Context) -> None:
         times = cuda_times(graph.replay, warmup=2, repeat=ctx.args.tokens)
         ctx.rows.append(make_row("text", name, "fast (graph replay)", times, floor_ms=floor_ms,
                                  tokens_per_s=1e3 / statistics.median(times)))
-    loop = runner.greedy_loop(context, ctx.args.tokens, models.host().embed_weight)
+    loop = runner.greedy_loop(context, ctx.args.tokens, pipeline.host.embed_weight, allowed=config.vocab_size)
     cos, sin = (torch.zeros(1, ctx.args.tokens, config.head_dim, device=models.device) for _ in range(2))
-    loop.start(past_key[:, :, :context], past_value[:, :, :context], 0, cos, sin, allowed=config.vocab_size)
+    loop.start(past_key[:, :, :context], past_value[:, :, :context], 0, cos, sin)
     chunks = max(1, ctx.args.tokens // CHUNK - 2)
     times = [t / CHUNK for t in cuda_times(loop.next_tokens, warmup=2, repeat=chunks)]
     ctx.rows.append(make_row("text", name, f"fast (device loop, {CHUNK} tokens a graph)", times, floor_ms=floor_ms,

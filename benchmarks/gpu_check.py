@@ -218,22 +218,22 @@ def fp8_choices(models: BenchModels, fast: CudaMoT, ref: dict[str, Any], args: a
     from runtime.runners.cuda_mot import CudaMotRunner
 
     report = {}
+    engines = reference_engines(models)
     for choice in args.fp8_choices:
         projections = tuple(name for name in choice.split(",") if name)
         model = fast.with_fp8_gen(args.fp8_fast_accum, projections) if projections else fast
         runner = CudaMotRunner(models.specs["mot"], model)
         mot = Recorder(runner, keep=("velocity",))
-        engines = reference_engines(models)
         LancePipeline(Engines(mot=mot, vit=engines.vit, vae_encode=None, vae_decode=engines.vae_decode),
                       models.host(), device=models.device, dtype=models.dtype).generate(
             GenerationRequest("t2i", PROMPT, height=args.size, width=args.size, steps=1, seed=1))
         (feed, outputs), = [(f, o) for f, o in mot.calls if f["latents"].shape[1] > 0]
         m = metrics(outputs["velocity"].float().cpu(), ref["velocity"])
         times = cuda_times(lambda: runner.infer(feed), warmup=2, repeat=args.repeat)
-        report[choice or "none (bf16)"] = {**m, "gate": VELOCITY_GATE, "passes": bool(m["cosine"] >= VELOCITY_GATE),
-                                           "denoise_ms": float(np.median(times))}
-        logger.info("FP8 %s: velocity cosine %.6f, denoise %.2f ms", choice or "none", m["cosine"],
-                    report[choice or "none (bf16)"]["denoise_ms"])
+        label = choice or "none (bf16)"
+        report[label] = {**m, "gate": VELOCITY_GATE, "passes": bool(m["cosine"] >= VELOCITY_GATE),
+                         "denoise_ms": float(np.median(times))}
+        logger.info("FP8 %s: velocity cosine %.6f, denoise %.2f ms", label, m["cosine"], report[label]["denoise_ms"])
         runner.clear()
         if models.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -251,7 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention", choices=sorted(SDPA_CHOICES), default="default",
                         help="SDPA backend of the fast path's unmasked attention")
     parser.add_argument("--fp8-gen", action="store_true", help="check the fast path with the FP8 gen expert")
-    parser.add_argument("--fp8-fast-accum", action="store_true", help="with --fp8-gen: fast FP8 accumulation")
+    parser.add_argument("--fp8-fast-accum", action="store_true", help="with --fp8-gen or --fp8-choices: fast FP8 accumulation")
     parser.add_argument("--fp8-choices", nargs="*", default=[], metavar="PROJECTIONS",
                         help="also report velocity accuracy and denoise time per set of FP8 gen projections "
                              "(comma-separated: qkv,o,gate_up,down; '' for none)")
@@ -264,7 +264,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def gpu_check_main(argv: Sequence[str]) -> int:
-    args = _parser().parse_args(list(argv))
+    parser = _parser()
+    args = parser.parse_args(list(argv))
+    if args.fp8_choices and args.fp8_gen:
+        parser.error("--fp8-choices starts from the bf16 fast path (its '' entry is bf16): leave out --fp8-gen "
+                     "(--fp8-fast-accum alone sets the choices' accumulation)")
+    if args.fp8_fast_accum and not (args.fp8_gen or args.fp8_choices):
+        parser.error("--fp8-fast-accum needs --fp8-gen or --fp8-choices")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -282,7 +288,7 @@ def gpu_check_main(argv: Sequence[str]) -> int:
     models = random_models(dtype=torch.bfloat16, device=device, seed=args.seed, tiny=args.tiny)
     fast = fast_engines(models, CudaMoT(models.mot, compile=args.compile and device.type == "cuda",
                                         sdpa_backends=SDPA_CHOICES[args.attention], fp8_gen=args.fp8_gen,
-                                        fp8_fast_accum=args.fp8_fast_accum))
+                                        fp8_fast_accum=args.fp8_gen and args.fp8_fast_accum))
     _reset_peak(device)
     ours = run_workloads(models, fast, args)
     peak = _peak_gib(device)

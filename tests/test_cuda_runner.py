@@ -389,3 +389,5 @@ def test_fp8_projections_are_chosen(models) -> None:
     assert mlp.with_fp8_gen().layers[0][1].down_weight is gen.down_weight      # FP8 weights are shared, not redone
     with pytest.raises(ValueError, match="unknown FP8 projections"):
         model.with_fp8_gen(projections=("mlp",))
+    with pytest.raises(ValueError, match="FP8 already"):
+        mlp.with_fp8_gen(projections=("qkv",))       # no bf16 copy of the MLP left in the twin

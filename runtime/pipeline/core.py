@@ -415,8 +415,8 @@ class LancePipeline:
         special = self.host.special
         past_key, past_value, past_len = cache.past(slice(0, 1))
         cos, sin = self.host.rope(plan.position_ids[:, plan.num_tokens:plan.num_tokens + max_new_tokens])
-        loop = mot.greedy_loop(int(past_len[0]), max_new_tokens, self.host.embed_weight)
-        loop.start(past_key, past_value, plan.decode_token_id, cos, sin, allowed=special.len)
+        loop = mot.greedy_loop(int(past_len[0]), max_new_tokens, self.host.embed_weight, allowed=special.len)
+        loop.start(past_key, past_value, plan.decode_token_id, cos, sin)
         decoded: list[int] = []
         while len(decoded) < max_new_tokens and special.im_end not in decoded:
             progress.check()

@@ -36,7 +36,7 @@ class DecodeLoop(Protocol):
     """Greedy decoding of one sequence on the device (`runtime.runners.cuda_decode.GreedyLoop`)."""
 
     def start(self, past_key: torch.Tensor, past_value: torch.Tensor, token: int, cos: torch.Tensor,
-              sin: torch.Tensor, allowed: int) -> None: ...
+              sin: torch.Tensor) -> None: ...
 
     def next_tokens(self) -> list[int]:
         """Decode the next few tokens (the stop token included, and possibly some past it)."""
@@ -47,7 +47,7 @@ class DecodeLoop(Protocol):
 class DeviceDecoding(Protocol):
     """A ``mot`` runner that can also run x2t's greedy loop on its device (the pipeline then skips its host loop)."""
 
-    def greedy_loop(self, past: int, steps: int, embed: torch.Tensor) -> DecodeLoop: ...
+    def greedy_loop(self, past: int, steps: int, embed: torch.Tensor, allowed: int) -> DecodeLoop: ...
 
 
 GPU_LIBRARIES = ("libcudart", "libcublas", "libcublasLt", "libcudnn", "libnccl")

@@ -47,11 +47,14 @@ class GreedyLoop:
         model: the fused model.
         layout: the masked single-row layout (`StepLayout`) whose capacity holds context + answer + one chunk.
         embed: ``(vocab, D)`` token embedding on the model's device.
+        allowed: the logits kept (``len(tokenizer)``: the rest are masked, as the host loop does).
         graphs: capture the chunk as a CUDA graph (None: run it eagerly, as off CUDA).
+    ``embed`` and ``allowed`` are part of the captured graph: a loop serves one pair of them.
     """
 
-    def __init__(self, model: CudaMoT, layout: StepLayout, embed: torch.Tensor, graphs: GraphCapture | None) -> None:
-        self.model, self.layout, self.embed, self.graphs = model, layout, embed, graphs
+    def __init__(self, model: CudaMoT, layout: StepLayout, embed: torch.Tensor, allowed: int,
+                 graphs: GraphCapture | None) -> None:
+        self.model, self.layout, self.embed, self.allowed, self.graphs = model, layout, embed, allowed, graphs
         device, c = model.device, model.config
         long = dict(dtype=torch.int64, device=device)
         table = dict(dtype=torch.float32, device=device)
@@ -67,7 +70,6 @@ class GreedyLoop:
             cos=torch.zeros(1, layout.capacity, c.head_dim, **table),
             sin=torch.zeros(1, layout.capacity, c.head_dim, **table),
             tokens=torch.zeros(CHUNK, **long))
-        self.allowed = 0
         self._graph: torch.cuda.CUDAGraph | None = None
 
     @staticmethod
@@ -76,10 +78,9 @@ class GreedyLoop:
         return past + -(-steps // CHUNK) * CHUNK
 
     def start(self, past_key: torch.Tensor, past_value: torch.Tensor, token: int, cos: torch.Tensor,
-              sin: torch.Tensor, allowed: int) -> None:
-        """Load a request: its prefilled past ``(layers, 1, P, KVH, hd)``, the first input token, the cos/sin of its
-        decode positions ``(1, steps, hd)`` and ``allowed``, the logits kept (``len(tokenizer)``: the rest are
-        masked, as the host loop does)."""
+              sin: torch.Tensor) -> None:
+        """Load a request: its prefilled past ``(layers, 1, P, KVH, hd)``, the first input token and the cos/sin of
+        its decode positions ``(1, steps, hd)``."""
         state, past = self.state, past_key.shape[2]
         if self.capacity_for(past, cos.shape[1]) > self.layout.capacity:
             raise ValueError(f"{past} past rows and {cos.shape[1]} steps exceed the loop's capacity "
@@ -93,9 +94,6 @@ class GreedyLoop:
         for table, values in ((state.cos, cos), (state.sin, sin)):
             table.zero_()
             table[:, :values.shape[1]].copy_(values)
-        if allowed != self.allowed and self._graph is not None:
-            self._graph = None      # the mask's bound is captured as a constant
-        self.allowed = allowed
 
     def next_tokens(self) -> list[int]:
         """Run `CHUNK` steps; returns their tokens (the one host synchronisation of the chunk)."""
@@ -141,15 +139,15 @@ class DecodingMotRunner(CudaMotRunner):
         super().clear()
         self._loops.clear()
 
-    def greedy_loop(self, past: int, steps: int, embed: torch.Tensor) -> GreedyLoop:
+    def greedy_loop(self, past: int, steps: int, embed: torch.Tensor, allowed: int) -> GreedyLoop:
         """A `GreedyLoop` with room for ``past`` context rows and ``steps`` decoded tokens, over the token embedding
-        ``embed``; loops (and their graphs) are kept per capacity and reused by later requests."""
+        ``embed`` with ``allowed`` logits kept; loops (and their graphs) are kept per capacity and reused by later
+        requests with the same embedding and bound."""
         layout = StepLayout(1, 1, 0, 0, GreedyLoop.capacity_for(past, steps), None, causal=False)
         loop = self._loops.get(layout.capacity)
-        if loop is None:
-            loop = self._loops[layout.capacity] = GreedyLoop(self.model, layout, embed, self._graphs)
+        if loop is None or loop.embed is not embed or loop.allowed != allowed:
+            loop = self._loops[layout.capacity] = GreedyLoop(self.model, layout, embed, allowed, self._graphs)
             while len(self._loops) > MAX_LOOPS:
                 self._loops.popitem(last=False)
         self._loops.move_to_end(layout.capacity)
-        loop.embed = embed
         return loop

@@ -171,6 +171,11 @@ class FusedExpert:
     def quantized(self, projections: Sequence[str] = FP8_PROJECTIONS) -> "FusedExpert":
         """This expert with ``projections`` in FP8 (new storage, or the FP8 weights it already has; norms, the bias
         and the other projections stay as they are)."""
+        already = [name for name in FP8_PROJECTIONS
+                   if name not in projections and isinstance(getattr(self, f"{name}_weight"), Fp8Weight)]
+        if already:
+            raise ValueError(f"the {', '.join(already)} projections are FP8 already, outside {list(projections)}: "
+                             "quantize the model in the compute dtype instead")
         weights = {name: getattr(self, f"{name}_weight") for name in projections}
         return replace(self, **{f"{name}_weight": weight if isinstance(weight, Fp8Weight) else Fp8Weight.quantize(weight)
                                 for name, weight in weights.items()})
@@ -409,7 +414,7 @@ class CudaMoT:
     def with_fp8_gen(self, fast_accum: bool = False, projections: Sequence[str] = FP8_GEN_PROJECTIONS) -> "CudaMoT":
         """A twin whose gen expert runs ``projections`` as FP8 GEMMs (with Hopper's fast accumulation if
         ``fast_accum``); it shares this model's und weights, norms and kernels, and its FP8 weights if it has them
-        (the projections outside ``projections`` must still be in the compute dtype here)."""
+        (a projection outside ``projections`` that is FP8 here is refused: there is no compute-dtype copy of it)."""
         unknown = set(projections) - set(FP8_PROJECTIONS)
         if unknown:
             raise ValueError(f"unknown FP8 projections {sorted(unknown)}; choose from {', '.join(FP8_PROJECTIONS)}")

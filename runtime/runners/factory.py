@@ -138,11 +138,11 @@ def cuda_engines(specs: Mapping[str, EngineSpec], mot: "CudaMoT", vit: "Qwen25Vi
                  vae: "WanVAE") -> Engines:
     """The fast PyTorch engines over loaded modules on a CUDA device (weights shared with the modules, not copied):
     `runtime.runners.cuda_decode.DecodingMotRunner` (a `CudaMotRunner` with x2t's loop on the device) on a fused
-    `CudaMoT`, `runtime.runners.cuda_vit.CudaVitRunner` (padded
-    MLP, attention per window, CUDA graphs), the VAE decoder through ``torch.compile`` (its norms, activations and
-    layout changes fused around the cuDNN convolutions: 16.8 ms instead of 34.0 at 1024 px on an H100; the first output
-    size compiles static, the second recompiles with symbolic sides, which then serves every size; each compile takes
-    seconds, once per process), the VAE encoder eager (one call per edit request).
+    `CudaMoT`, `runtime.runners.cuda_vit.CudaVitRunner` (padded MLP, attention per window, CUDA graphs), the VAE
+    decoder through ``torch.compile`` (its norms, activations and layout changes fused around the cuDNN convolutions:
+    16.8 ms instead of 34.0 at 1024 px on an H100; the first output size compiles static, the second recompiles with
+    symbolic sides, which then serves every size; each compile takes seconds, once per process), the VAE encoder
+    eager (one call per edit request).
 
     Args:
         specs: the contract per engine.
